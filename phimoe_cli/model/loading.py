@@ -1,14 +1,16 @@
 """safetensors checkpoint -> PhimoeForCausalLM, tensor by tensor.
 
 The model is built on the meta device, its storage allocated once in the target dtype and device,
-and every checkpoint tensor is read from the memory-mapped file straight into its place: the
-weights are never held twice. Only safetensors are read: ``.bin``/``.pt`` pickles are never
+and every checkpoint tensor is copied from the memory-mapped file straight into its place (dtype
+conversion included): the weights are never held twice. Only safetensors are read: ``.bin``/``.pt`` pickles are never
 opened, and no code from a checkpoint is ever run.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import re
 import sys
 from collections.abc import Iterator
@@ -16,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
@@ -130,6 +131,76 @@ def _progress(total_bytes: int, enabled: bool | None, description: str) -> Itera
         yield lambda n: bar.advance(task, n)
 
 
+class SafetensorsFile:
+    """One safetensors file, memory-mapped; tensors are zero-copy views into the mapping.
+
+    The format is an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw data. Every entry is
+    checked against the file's size before anything is read. After a tensor has been copied out,
+    ``release`` drops its pages from this process's resident set (they stay in the page cache),
+    so a load holds the destination weights plus at most one source tensor.
+    """
+
+    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable views, never written
+        except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+            raise CheckpointError(f"{path}: cannot read ({_first_line(exc)})") from None
+        size = len(self.map)
+        n = int.from_bytes(self.map[:8], "little") if size >= 8 else -1
+        if n < 2 or 8 + n > size:
+            self.close()
+            raise CheckpointError(f"{path}: not a valid safetensors file (truncated or bad header length)")
+        try:
+            header = json.loads(bytes(self.map[8 : 8 + n]).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            self.close()
+            raise CheckpointError(f"{path}: not a valid safetensors file (unreadable header)") from None
+        header.pop("__metadata__", None)
+        self.base, data_len = 8 + n, size - 8 - n
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype = self.DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+                numel = math.prod(shape)
+                ok = 0 <= begin <= end <= data_len and end - begin == numel * dtype.itemsize
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                self.close()
+                raise CheckpointError(
+                    f"{path}: not a valid safetensors file (tensor {name}: bad entry or data past the end)"
+                )
+            self.entries[name] = (dtype, shape, begin)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, begin = self.entries[name]
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.base + begin).view(shape)
+
+    def release(self, name: str) -> None:
+        dtype, shape, begin = self.entries[name]
+        start = (self.base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self.base + begin + math.prod(shape) * dtype.itemsize
+        if hasattr(mmap, "MADV_DONTNEED") and end > start:
+            self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        self.map.close()
+
+
 def load_weights(
     model: torch.nn.Module, path: str | Path, config: PhimoeConfig, progress: bool | None = None
 ) -> None:
@@ -141,53 +212,46 @@ def load_weights(
     total = sum((path / f).stat().st_size for f in files)
     with _progress(total, progress, "Loading weights") as advance:
         for file, listed in files.items():
-            file_path = path / file
+            f = SafetensorsFile(path / file)
             try:
-                handle = safe_open(str(file_path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types for bad files
-                raise CheckpointError(f"{file_path}: not a valid safetensors file ({_first_line(exc)})") from None
-            with handle as f:
-                names = list(f.keys())
-                if listed is not None:
-                    absent = sorted(set(listed) - set(names))
-                    if absent:
-                        raise CheckpointError(
-                            f"{file_path}: tensor {absent[0]} is listed in {INDEX_FILE} but not in the file"
-                        )
-                for name in names:
-                    if _IGNORED.search(name):
-                        continue
-                    if name not in targets:
-                        raise CheckpointError(f"{file_path}: unexpected tensor {name}")
-                    if name in seen:
-                        raise CheckpointError(f"{file_path}: tensor {name} appears in two files")
-                    dest, expert = targets[name]
-                    want = tuple(dest.shape[1:] if expert is not None else dest.shape)
-                    try:
-                        shape = tuple(f.get_slice(name).get_shape())
-                        if shape != want:
-                            raise CheckpointError(
-                                f"{file_path}: tensor {name} has shape {list(shape)}, expected {list(want)} "
-                                f"from config.json"
-                            )
-                        tensor = f.get_tensor(name)
-                    except CheckpointError:
-                        raise
-                    except Exception as exc:
-                        raise CheckpointError(f"{file_path}: cannot read tensor {name} ({_first_line(exc)})") from None
-                    if not tensor.is_floating_point():
-                        raise CheckpointError(f"{file_path}: tensor {name} has dtype {tensor.dtype}, expected floats")
-                    with torch.no_grad():
-                        (dest[expert] if expert is not None else dest).copy_(tensor)
-                    seen.add(name)
-                    advance(tensor.nbytes)
-                    del tensor
+                _load_file(f, listed, targets, seen, advance)
+            finally:
+                f.close()
     missing = [n for n in targets if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
     if config.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance) -> None:
+    if listed is not None:
+        absent = sorted(set(listed) - set(f.entries))
+        if absent:
+            raise CheckpointError(f"{f.path}: tensor {absent[0]} is listed in {INDEX_FILE} but not in the file")
+    for name, (dtype, shape, _) in f.entries.items():
+        if _IGNORED.search(name):
+            continue
+        if name not in targets:
+            raise CheckpointError(f"{f.path}: unexpected tensor {name}")
+        if name in seen:
+            raise CheckpointError(f"{f.path}: tensor {name} appears in two files")
+        dest, expert = targets[name]
+        want = tuple(dest.shape[1:] if expert is not None else dest.shape)
+        if shape != want:
+            raise CheckpointError(
+                f"{f.path}: tensor {name} has shape {list(shape)}, expected {list(want)} from config.json"
+            )
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"{f.path}: tensor {name} has dtype {dtype}, expected floats")
+        source = f.tensor(name)
+        with torch.no_grad():
+            (dest[expert] if expert is not None else dest).copy_(source)
+        del source
+        f.release(name)
+        seen.add(name)
+        advance(math.prod(shape) * dtype.itemsize)
 
 
 def _first_line(exc: BaseException) -> str:
