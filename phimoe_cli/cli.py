@@ -49,8 +49,154 @@ def tokenize(
         raise typer.Exit(code)
 
 
+DEFAULT_MODEL = "microsoft/Phi-3.5-MoE-instruct"
+_SAMPLING = "Sampling"
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(None, help="The prompt; '-' or omitted: read stdin. Both: PROMPT, a blank line, stdin.", show_default=False),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local checkpoint directory."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub repo."),
+    offline: bool = typer.Option(False, "--offline", help="Use only the local Hugging Face cache."),
+    system: str = typer.Option(None, "--system", "-s", help="A system message."),
+    raw: bool = typer.Option(False, "--raw", help="Encode the prompt as is, without the chat format."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy.", rich_help_panel=_SAMPLING),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k best tokens (0 = off).", rich_help_panel=_SAMPLING),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off).", rich_help_panel=_SAMPLING),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the best (0 = off).", rich_help_panel=_SAMPLING),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats (1 = off).", rich_help_panel=_SAMPLING),
+    seed: int = typer.Option(None, "--seed", min=0, help="Make sampling reproducible.", rich_help_panel=_SAMPLING),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable; not printed)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past stop tokens (benchmarking)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Write timings to stderr."),
+) -> None:
+    """Generate a reply to PROMPT (or stdin) and print it: stdout carries only the text."""
+    from phimoe_cli.generate_command import run_generate
+    from phimoe_cli.generation import SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    code = run_generate(
+        prompt, model=model, revision=revision, offline=offline or None, system=system, raw=raw,
+        params=params, max_new_tokens=max_new_tokens, stop=stop or [], ignore_eos=ignore_eos,
+        dtype=dtype, device=device, json_out=json_out, verbose=verbose,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def download(
+    repo: str = typer.Argument(DEFAULT_MODEL, help="Hub repo id."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit."),
+) -> None:
+    """Fetch a model into the Hugging Face cache (resumable) and print where it went."""
+    from phimoe_cli.hub import download_model
+
+    typer.echo(str(download_model(repo, revision=revision)))
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Hub repo id or local checkpoint directory."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub repo."),
+    offline: bool = typer.Option(False, "--offline", help="Use only the local Hugging Face cache."),
+    context: int = typer.Option(4096, "--context", min=1, help="Context length for the KV-cache estimate."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Architecture, parameters and memory needs from config.json alone (no weight download)."""
+    from phimoe_cli.info_command import run_info
+
+    run_info(model, revision=revision, offline=offline or None, context=context, json_out=json_out)
+
+
+@app.command()
+def bench(
+    shape: str = typer.Option("mid", "--shape", help="phi-3.5-moe (the real dimensions), mid or tiny."),
+    prompt_tokens: int = typer.Option(128, "-p", "--prompt-tokens", min=1, help="Prompt tokens to prefill."),
+    gen_tokens: int = typer.Option(64, "-n", "--gen-tokens", min=0, help="Tokens to decode after the prompt."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="Timed runs; the best counts."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Keep only N layers (to fit memory)."),
+    compare: str = typer.Option(None, "--compare", help="Also run 'transformers' on the same weights."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Prefill and decode speed of a random-weight model of a given shape, against the roofline."""
+    from phimoe_cli.bench import main as run_bench
+
+    raise typer.Exit(run_bench(
+        as_json=json_out, shape=shape, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, dtype=dtype,
+        device=device, threads=threads, repeat=repeat, layers=layers, compare=compare,
+    ))
+
+
+def _click_errors():
+    """typer's click exception classes (recent typer vendors click; older ones use click)."""
+    try:
+        from typer._click import exceptions as errors
+    except ImportError:  # pragma: no cover
+        from click import exceptions as errors
+
+    class _Never(Exception):
+        pass
+
+    abort = getattr(typer, "Abort", None) or getattr(errors, "Abort", _Never)
+    return getattr(errors, "NoArgsIsHelpError", _Never), errors.UsageError, errors.ClickException, abort
+
+
 def main() -> None:
-    app()
+    """Entry point: known failures become one 'error:' line and an exit code, never a traceback."""
+    import os
+    import sys
+
+    no_args, usage_error, click_error, abort = _click_errors()
+    try:
+        result = app(standalone_mode=False)  # typer.Exit(code) comes back as the result
+        code = result if isinstance(result, int) else 0
+    except no_args as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        code = 0
+    except usage_error as exc:  # unknown option, bad value: one line, exit 2
+        command = f"phimoe {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else "phimoe"
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())} (see '{command} --help')\n")
+        code = 2
+    except click_error as exc:
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
+        code = exc.exit_code
+    except (KeyboardInterrupt, abort):
+        sys.stderr.write("\ninterrupted\n")
+        code = 130
+    except BrokenPipeError:
+        code = 141  # the reader went away (| head): nothing more to say
+    except Exception as exc:
+        if os.environ.get("PHIMOE_DEBUG"):
+            raise
+        from phimoe_cli.runtime import exit_code_of
+
+        code = exit_code_of(exc)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if code is None:
+            code, text = 1, f"{type(exc).__name__}: {text} (set PHIMOE_DEBUG=1 for a traceback)"
+        sys.stderr.write(f"error: {text}\n")
+    _quiet_exit(code)
+
+
+def _quiet_exit(code: int) -> None:
+    """Exit without a second BrokenPipeError when stdout's reader has gone away."""
+    import os
+    import sys
+
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""`phimoe generate`: one reply, streamed to stdout (or one JSON object with --json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from phimoe_cli.generation import Generator, SamplingParams
+from phimoe_cli.runtime import load, read_prompt
+
+
+def run_generate(prompt, *, model, revision, offline, system, raw, params: SamplingParams,
+                 max_new_tokens, stop, ignore_eos, dtype, device, json_out, verbose) -> int:
+    text = read_prompt(prompt)
+    params.validate()
+    loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device)
+    tok = loaded.tokenizer
+    if raw:
+        prompt_ids = tok.encode(text)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        prompt_ids = tok.apply_chat(messages, add_generation_prompt=True)
+    gen = Generator(loaded.model, tok)
+    out = sys.stdout
+    for piece in gen.stream(prompt_ids, params, max_new_tokens, stop=stop, ignore_eos=ignore_eos):
+        if not json_out:
+            out.write(piece)
+            out.flush()
+    res = gen.result
+    if json_out:
+        out.write(json.dumps({
+            "model": loaded.model_id,
+            "text": res.text,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": res.token_ids,
+            "finish_reason": res.finish_reason if res.finish_reason != "interrupted" else "length",
+            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
+            "timings": {
+                "load_s": round(loaded.load_s, 4),
+                "time_to_first_token_s": round(res.time_to_first_token_s, 4),
+                "prefill_tokens_per_s": round(res.prefill_tokens_per_s, 2),
+                "decode_tokens_per_s": round(res.decode_tokens_per_s, 2),
+            },
+        }, ensure_ascii=False) + "\n")
+    elif res.text and not res.text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    if verbose:
+        sys.stderr.write(
+            f"prompt {res.prompt_tokens} tokens, generated {res.completion_tokens} ({res.finish_reason}); "
+            f"load {loaded.load_s:.2f} s, first token {res.time_to_first_token_s:.2f} s, "
+            f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s\n"
+        )
+    if res.finish_reason == "interrupted":
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0

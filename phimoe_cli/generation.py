@@ -1,0 +1,252 @@
+"""Token generation: sampling, stopping, streaming and timing.
+
+``Generator.stream`` turns prompt ids into text pieces as the model produces them and leaves a
+``GenerationResult`` (ids, text, finish reason, usage, timings) on ``generator.result``. It works
+with any cache it is given, so a chat can keep one cache across turns and prefill only new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class GenerationError(ValueError):
+    """Bad generation input (prompt too long, bad sampling value); one line for the user."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0  # 0: off
+    top_p: float = 0.95  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        checks = [
+            ("temperature", self.temperature, lambda v: v >= 0, ">= 0"),
+            ("top_k", self.top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+            ("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("min_p", self.min_p, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0"),
+        ]
+        for name, value, ok, want in checks:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+                raise GenerationError(f"{name} must be {want}, got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise GenerationError(f"seed must be a non-negative integer, got {self.seed!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Sampler:
+    """Chooses the next token from one row of logits. Padding ids (rows of the embedding with no
+    token) are never chosen: ``allowed`` masks them out."""
+
+    def __init__(self, params: SamplingParams, allowed: torch.Tensor | None = None):
+        self.params = params.validate()
+        self.allowed = allowed
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+        p = self.params
+        logits = logits.detach().float().cpu().clone()
+        if self.allowed is not None:
+            n = min(len(self.allowed), len(logits))
+            logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
+            logits[n:] = float("-inf")
+        if p.repetition_penalty != 1.0 and history is not None and len(history):
+            seen = torch.unique(history.cpu())
+            seen = seen[seen < len(logits)]
+            scores = logits[seen]
+            logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(int(p.top_k), len(logits))).values[-1]
+            logits[logits < kth] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of the better tokens
+            sorted_probs[before >= p.top_p * sorted_probs.sum()] = 0  # the best one always stays
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)  # generated ids, without the stop id
+    text: str = ""
+    finish_reason: str = "length"  # "stop" | "length" | "interrupted"
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # tokens actually computed for the prompt (fewer when a cache is reused)
+    prefill_s: float = 0.0
+    decode_steps: int = 0  # forward passes after the prefill
+    decode_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string; reports where one is found."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was reached)."""
+        if not self.stops:
+            return piece, False
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generator:
+    """Runs a causal LM with a KV cache. ``tokenizer`` needs ``stream_decoder()``, ``stop_ids``
+    and ``valid_token_mask(vocab_size)`` (phimoe_cli.tokenizer.Tokenizer has them)."""
+
+    def __init__(self, model, tokenizer, context_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length or model.config.max_position_embeddings
+        self.allowed = tokenizer.valid_token_mask(model.config.vocab_size)
+        self.device = next(model.parameters()).device
+        self.result = GenerationResult()
+
+    def new_cache(self, capacity: int = 256):
+        return self.model.new_cache(capacity=min(capacity, self.context_length))
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 512,
+        stop: Iterable[str] = (),
+        ignore_eos: bool = False,
+        cache=None,
+    ) -> Iterator[str]:
+        """Yield text pieces; afterwards ``self.result`` describes the generation.
+
+        With ``cache``, the tokens it already holds must be a prefix of ``prompt_ids``; only the
+        rest is computed, and the cache ends holding the prompt and the reply. Ctrl-C stops the
+        generation cleanly: the finish reason becomes "interrupted".
+        """
+        params = (params or SamplingParams()).validate()
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise GenerationError(
+                f"the prompt has {len(prompt_ids)} tokens; it does not fit the context of "
+                f"{self.context_length} tokens with room for a reply"
+            )
+        budget = min(max_new_tokens, self.context_length - len(prompt_ids))
+        if cache is None:
+            cache = self.new_cache(len(prompt_ids) + budget)
+        else:
+            cache.truncate(self._reusable(cache, prompt_ids))
+        sampler = Sampler(params, self.allowed)
+        stop_ids = set() if ignore_eos else set(self.tokenizer.stop_ids)
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStrings(stop)
+        res = self.result = GenerationResult(prompt_tokens=len(prompt_ids))
+        history = torch.tensor(prompt_ids, dtype=torch.long)
+        text: list[str] = []
+        new = prompt_ids[cache.length :]
+        res.prefill_tokens = len(new)
+        cache.reserve(len(prompt_ids) + budget)
+        t0 = time.perf_counter()
+        t_first = None
+        hit = False
+        try:
+            x = torch.tensor([new], dtype=torch.long, device=self.device)
+            for step in range(budget):
+                with torch.inference_mode():
+                    logits = self.model(x, cache=cache, logits_to_keep=1)[0, -1]
+                token = sampler(logits, history)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    res.prefill_s = res.time_to_first_token_s = t_first - t0
+                res.decode_steps = step
+                if token in stop_ids:
+                    res.finish_reason = "stop"
+                    break
+                res.token_ids.append(token)
+                history = torch.cat([history, torch.tensor([token])])
+                piece, hit = stops.push(decoder.push(token))
+                if piece:
+                    text.append(piece)
+                    yield piece
+                if hit:
+                    res.finish_reason = "stop"
+                    break
+                x = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            else:
+                res.finish_reason = "length"
+        except KeyboardInterrupt:
+            res.finish_reason = "interrupted"
+        if t_first is not None:
+            res.decode_s = time.perf_counter() - t_first
+        if not hit:  # text held back for a stop string that never came, or a partial character
+            tail, hit = stops.push(decoder.flush())
+            tail += "" if hit else stops.flush()
+            if tail:
+                text.append(tail)
+                yield tail
+        res.text = "".join(text)
+
+    @staticmethod
+    def _reusable(cache, prompt_ids: list[int]) -> int:
+        """How many cached tokens are a prefix of ``prompt_ids`` (at least one token is left to
+        compute, so the last prompt position's logits exist)."""
+        n = min(cache.length, len(prompt_ids) - 1)
+        if n == 0:
+            return 0
+        cached = cache.tokens[0, :n].cpu()
+        same = cached == torch.tensor(prompt_ids[:n], dtype=torch.long)
+        return n if bool(same.all()) else int(same.long().cumprod(0).sum())

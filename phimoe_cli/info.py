@@ -1,0 +1,130 @@
+"""What a model costs, from its config.json alone: parameters, memory per dtype or quantization,
+KV-cache bytes per token, and whether it fits this machine."""
+
+from __future__ import annotations
+
+import os
+
+from phimoe_cli.model import PhimoeConfig
+
+# Bytes per expert weight for each storage choice (bitsandbytes layouts: int8 keeps one float32
+# scale per row; nf4/fp4 pack two weights a byte plus one float32 absmax per 64-weight block).
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}
+
+
+def parameter_counts(c: PhimoeConfig) -> dict[str, int]:
+    """Parameters by part; ``active`` is what one token reads (top-k experts, not all)."""
+    h, d = c.hidden_size, c.head_dim
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    bias = c.attention_bias
+    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv + h) if bias else 0)
+    norms = 2 * 2 * h
+    router = h * c.num_local_experts
+    expert = 3 * h * c.intermediate_size
+    layers = c.num_hidden_layers
+    embed = c.vocab_size * h
+    head = 0 if c.tie_word_embeddings else c.vocab_size * h
+    head += c.vocab_size if c.lm_head_bias else 0
+    dense = layers * (attention + norms + router) + embed + head + 2 * h
+    experts_total = layers * c.num_local_experts * expert
+    experts_active = layers * c.num_experts_per_tok * expert
+    return {
+        "total": dense + experts_total,
+        "active": dense + experts_active,
+        "experts": experts_total,
+        "dense": dense,
+        "attention": layers * attention,
+        "embedding": embed,
+        "lm_head": head,
+    }
+
+
+def kv_bytes_per_token(c: PhimoeConfig, dtype_bytes: int = 2) -> int:
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
+
+
+def memory_estimates(c: PhimoeConfig, compute_dtype_bytes: int = 2) -> dict[str, int]:
+    """Weight bytes for each choice: dtypes store everything so; quantizations store the experts
+    quantized and the rest (router, norms, embeddings, lm_head, attention) in bf16."""
+    n = parameter_counts(c)
+    out = {}
+    for name in ("float32", "bfloat16", "float16"):
+        out[name] = int(n["total"] * BYTES_PER_WEIGHT[name])
+    for name in ("int8", "nf4", "fp4"):
+        out[name] = int(n["experts"] * BYTES_PER_WEIGHT[name] + n["dense"] * compute_dtype_bytes)
+    return out
+
+
+def available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gpu_memory() -> list[tuple[str, int, int]]:
+    """(name, free bytes, total bytes) per CUDA device; empty without CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        out = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out.append((torch.cuda.get_device_name(i), free, total))
+        return out
+    except Exception:
+        return []
+
+
+def report(c: PhimoeConfig, context: int = 4096) -> dict:
+    """Everything ``phimoe info`` shows, as plain data (also its ``--json`` output)."""
+    n = parameter_counts(c)
+    mem = memory_estimates(c)
+    kv = kv_bytes_per_token(c)
+    ram, gpus = available_ram(), gpu_memory()
+    fits = {}
+    for name, weights in mem.items():
+        need = weights + kv * context
+        fits[name] = {
+            "bytes": weights,
+            "with_kv_cache_bytes": need,
+            "fits_ram": None if ram is None else need <= ram,
+            "fits_gpu": [need <= free for _, free, _ in gpus],
+        }
+    rope = c.rope_scaling
+    return {
+        "architecture": {
+            "model_type": c.model_type,
+            "layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "attention_heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "experts": c.num_local_experts,
+            "experts_per_token": c.num_experts_per_tok,
+            "vocab_size": c.vocab_size,
+            "context_length": c.max_position_embeddings,
+            "rope": "longrope" if rope else "rope",
+            "original_context_length": c.original_max_position_embeddings,
+            "dtype": c.torch_dtype,
+        },
+        "parameters": {"total": n["total"], "active_per_token": n["active"], "experts": n["experts"]},
+        "kv_cache_bytes_per_token": {"bfloat16": kv, "float32": kv * 2},
+        "context_for_estimates": context,
+        "memory": fits,
+        "machine": {
+            "ram_available_bytes": ram,
+            "gpus": [{"name": name, "free_bytes": free, "total_bytes": total} for name, free, total in gpus],
+        },
+        "note": "On CPU, int8/nf4/fp4 experts save memory but decode slower than bfloat16.",
+    }

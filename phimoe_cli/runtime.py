@@ -1,0 +1,91 @@
+"""What the commands share: reading a prompt from arguments and stdin, loading a model with its
+tokenizer, and turning known failures into one-line errors with the right exit code."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from phimoe_cli.generation import GenerationError
+from phimoe_cli.hub import HubError, resolve_model
+from phimoe_cli.model import CheckpointError, ConfigError, PhimoeForCausalLM, load_model
+from phimoe_cli.tokenizer import Tokenizer, TokenizerError
+
+
+class UserError(Exception):
+    """Bad input from the user: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+    """The exit code for an error we know how to explain in one line, else None."""
+    if isinstance(exc, HubError):
+        return getattr(exc, "exit_code", 1)
+    if isinstance(exc, (UserError, GenerationError)):
+        return 2
+    if isinstance(exc, (CheckpointError, ConfigError, TokenizerError)):
+        return 1
+    if isinstance(exc, ValueError) and _is_option_error(exc):
+        return 2
+    return None
+
+
+def _is_option_error(exc: ValueError) -> bool:
+    text = str(exc)
+    return text.startswith(("unknown dtype", "unknown device", "device ")) or "CUDA is not available" in text
+
+
+def read_prompt(prompt: str | None, stdin=None) -> str:
+    """PROMPT as given; ``-`` or nothing with stdin piped: stdin; both: PROMPT, a blank line, stdin."""
+    stdin = stdin if stdin is not None else sys.stdin
+    piped = stdin is not None and not stdin.isatty()
+    if prompt == "-":
+        if not piped:
+            raise UserError("prompt '-' means stdin, but stdin is a terminal: pipe text in")
+        prompt, extra = None, _read_stdin(stdin)
+    elif piped:
+        extra = _read_stdin(stdin)
+    else:
+        extra = None
+    if prompt is None and extra is None:
+        raise UserError("no prompt: give PROMPT as an argument or pipe text on stdin")
+    text = "\n\n".join(p for p in (prompt, extra) if p is not None and p.strip())
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return text
+
+
+def _read_stdin(stdin) -> str:
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+    if b"\x00" in data:
+        raise UserError("stdin looks binary (it contains NUL bytes); pipe text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"stdin is not valid UTF-8 (byte {exc.start})") from None
+
+
+@dataclass
+class Loaded:
+    model_id: str
+    revision: str | None
+    path: Path
+    model: PhimoeForCausalLM
+    tokenizer: Tokenizer
+    dtype: str
+    device: str
+    load_s: float
+
+
+def load(model: str, revision: str | None = None, offline: bool | None = None,
+         dtype: str = "auto", device: str = "cpu", progress: bool | None = None) -> Loaded:
+    """Resolve ``model`` (a directory or hub repo id), then load its tokenizer and weights."""
+    t0 = time.perf_counter()
+    path = resolve_model(model, revision=revision, offline=offline, progress=progress)
+    tokenizer = Tokenizer.from_dir(path)
+    net = load_model(path, dtype=dtype, device=device, progress=progress)
+    dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
+    return Loaded(model, revision, path, net, tokenizer, dtype_name, device, time.perf_counter() - t0)

@@ -1,0 +1,42 @@
+"""Shared fixtures: a small random PhiMoE checkpoint with the Phi-3.5 tokenizer files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoints import make_config, write_checkpoint
+from tokenizer_fixtures import build_tokenizer_dir, load_source
+
+
+def make_model_dir(path, shards: int = 2, **config):
+    """Tokenizer files as the hub ships them, then the model's config and weights."""
+    build_tokenizer_dir(path, load_source())
+    return write_checkpoint(path, make_config(**config), shards=shards)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A complete tiny checkpoint: hub-layout config, 2 shards + index, tokenizer, generation config."""
+    return make_model_dir(tmp_path_factory.mktemp("model") / "phimoe-tiny")
+
+
+_SCRIPT = Path(sys.executable).parent / "phimoe"
+#: The installed console script (pip install -e .), or the module when it is not on this Python's bin.
+PHIMOE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phimoe_cli.cli"]
+
+
+def run_phimoe(*args, input: bytes | str | None = b"", env: dict | None = None, timeout: float = 120):
+    """Run the installed `phimoe` command; stdin is a pipe (empty unless ``input`` is given)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("PHIMOE_NO_HISTORY", "1")
+    if isinstance(input, str):
+        input = input.encode("utf-8")
+    return subprocess.run(
+        [*PHIMOE, *map(str, args)],
+        input=input, capture_output=True, timeout=timeout, env=full_env,
+    )

@@ -1,0 +1,206 @@
+"""`phimoe generate`, `info` and `download` driven as a user would: the installed command, real
+files, real pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PHIMOE, make_model_dir, run_phimoe
+
+transformers = pytest.importorskip("transformers")
+
+
+def gen_json(model_dir, *args, input=b""):
+    r = run_phimoe("generate", "-m", model_dir, "--json", *args, input=input)
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def one_error_line(r, code):
+    err = r.stderr.decode()
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    return lines
+
+
+def test_greedy_equals_transformers_generate(model_dir):
+    out = gen_json(model_dir, "--raw", "-t", "0", "-n", "24", "--ignore-eos", "The quick brown fox")
+    ids = torch.tensor([out["prompt_token_ids"]])
+    ref = transformers.PhimoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                min_new_tokens=24)[0, ids.shape[1]:].tolist()
+    assert out["token_ids"] == expected
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert out["prompt_token_ids"] == tok("The quick brown fox", add_special_tokens=True)["input_ids"]
+    assert out["text"] == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_json_schema(model_dir):
+    out = gen_json(model_dir, "-n", "6", "--seed", "1", "Hello")
+    assert set(out) == {"model", "text", "prompt_token_ids", "token_ids", "finish_reason", "usage", "timings"}
+    assert out["model"] == str(model_dir)
+    assert out["finish_reason"] in ("stop", "length")
+    assert out["usage"] == {"prompt_tokens": len(out["prompt_token_ids"]), "completion_tokens": len(out["token_ids"])}
+    assert set(out["timings"]) == {"load_s", "time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in out["timings"].values())
+    assert all(isinstance(i, int) for i in out["token_ids"])
+    # the chat format: <|user|> … <|end|> <|assistant|>
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert out["prompt_token_ids"] == tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_plain_stdout_is_the_text(model_dir):
+    out = gen_json(model_dir, "-t", "0", "-n", "10", "Hello")
+    r = run_phimoe("generate", "-m", model_dir, "-t", "0", "-n", "10", "Hello")
+    assert r.returncode == 0
+    assert r.stdout.decode() == out["text"] + "\n"
+    assert r.stderr.decode() == ""  # quiet in pipes: no progress bars, no stats
+
+
+def test_verbose_writes_stats_to_stderr(model_dir):
+    r = run_phimoe("generate", "-m", model_dir, "-n", "4", "-v", "Hello")
+    assert r.returncode == 0
+    assert "decode" in r.stderr.decode() and "tok/s" in r.stderr.decode()
+
+
+def test_stdin_combinations(model_dir):
+    def prompt_ids(*args, input=b""):
+        return gen_json(model_dir, "--raw", "-n", "1", *args, input=input)["prompt_token_ids"]
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = lambda text: tok(text)["input_ids"]  # noqa: E731
+    assert prompt_ids(input="piped text") == enc("piped text")
+    assert prompt_ids("-", input="piped text") == enc("piped text")
+    assert prompt_ids("Summarise:", input="piped text") == enc("Summarise:\n\npiped text")
+    assert prompt_ids("only the argument") == enc("only the argument")
+
+
+def test_system_message(model_dir):
+    out = gen_json(model_dir, "-n", "1", "--system", "Be brief.", "Hi")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert out["prompt_token_ids"] == tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_stop_string_is_not_printed(model_dir):
+    full = gen_json(model_dir, "-t", "0", "-n", "30", "--ignore-eos", "Tell me")["text"]
+    stop = full[8:11]
+    assert len(stop) == 3 and stop in full
+    out = gen_json(model_dir, "-t", "0", "-n", "30", "--ignore-eos", "--stop", stop, "Tell me")
+    assert out["text"] == full[: full.index(stop)]
+    assert out["finish_reason"] == "stop"
+    r = run_phimoe("generate", "-m", model_dir, "-t", "0", "-n", "30", "--ignore-eos", "--stop", stop, "Tell me")
+    assert r.stdout.decode().rstrip("\n") == full[: full.index(stop)].rstrip("\n")
+
+
+def test_seed_makes_sampling_reproducible(model_dir):
+    a = gen_json(model_dir, "-t", "1.5", "--top-p", "1", "-n", "12", "--ignore-eos", "--seed", "7", "Hi")
+    b = gen_json(model_dir, "-t", "1.5", "--top-p", "1", "-n", "12", "--ignore-eos", "--seed", "7", "Hi")
+    c = gen_json(model_dir, "-t", "1.5", "--top-p", "1", "-n", "12", "--ignore-eos", "--seed", "8", "Hi")
+    assert a["token_ids"] == b["token_ids"]
+    assert a["token_ids"] != c["token_ids"]
+
+
+def test_context_end_and_too_long_prompt(tmp_path):
+    path = make_model_dir(tmp_path / "short", max_position_embeddings=40, original_max_position_embeddings=16,
+                          sliding_window=40)
+    text = " ".join(["word"] * 30)
+    out = gen_json(path, "--raw", "-n", "100", "--ignore-eos", text)
+    assert out["finish_reason"] == "length"
+    assert len(out["prompt_token_ids"]) + len(out["token_ids"]) == 40
+    r = run_phimoe("generate", "-m", path, "--raw", " ".join(["word"] * 60))
+    lines = one_error_line(r, 2)
+    assert len(lines) == 1 and "does not fit the context" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, input, code, needle",
+    [
+        (["--max-new-tokens", "0", "hi"], b"", 2, "max-new-tokens"),
+        (["--no-such-option"], b"", 2, "No such option"),
+        (["   "], b"", 2, "empty"),
+        ([], b"\x00\x01\x02binary", 2, "binary"),
+        ([], b"caf\xe9 latin-1", 2, "UTF-8"),
+        (["--temperature", "-1", "hi"], b"", 2, "temperature"),
+        (["--dtype", "int3", "hi"], b"", 2, "dtype"),
+        (["--device", "cuda", "hi"], b"", 2, "cuda"),
+    ],
+)
+def test_bad_input_exit_codes(model_dir, args, input, code, needle):
+    r = run_phimoe("generate", "-m", model_dir, *args, input=input)
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    lines = one_error_line(r, code)
+    assert needle.lower() in r.stderr.decode().lower()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_missing_model_path_and_bad_checkpoint(tmp_path, model_dir):
+    r = run_phimoe("generate", "-m", tmp_path / "absent", "hi")
+    assert one_error_line(r, 2)[0].startswith("error:")
+    broken = make_model_dir(tmp_path / "broken")
+    (broken / "model-00002-of-00002.safetensors").write_bytes(b"garbage")
+    r = run_phimoe("generate", "-m", broken, "hi")
+    lines = one_error_line(r, 1)
+    assert len(lines) == 1 and "model-00002-of-00002.safetensors" in lines[0]
+
+
+def test_ctrl_c_keeps_the_output_and_exits_130(model_dir):
+    proc = subprocess.Popen([*PHIMOE, "generate", "-m", model_dir, "-n", "100000", "--ignore-eos", "Go"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    first = proc.stdout.read(1)  # generation has started
+    assert first
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert len(first + out) > 1
+    assert b"Traceback" not in err
+
+
+def test_info_from_config_alone(tmp_path, model_dir):
+    only = tmp_path / "config-only"
+    only.mkdir()
+    (only / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    r = run_phimoe("info", only, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    data = json.loads(r.stdout)
+    # parameter arithmetic against the real model's parameters
+    from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
+
+    with torch.device("meta"):
+        model = PhimoeForCausalLM(PhimoeConfig.from_file(only))
+    total = sum(p.numel() for p in model.parameters())
+    assert data["parameters"]["total"] == total
+    cfg = model.config
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    inactive = cfg.num_hidden_layers * (cfg.num_local_experts - cfg.num_experts_per_tok) * per_expert
+    assert data["parameters"]["active_per_token"] == total - inactive
+    assert data["kv_cache_bytes_per_token"]["bfloat16"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert data["memory"]["bfloat16"]["bytes"] == 2 * total
+    r = run_phimoe("info", only)
+    assert r.returncode == 0 and "active per token" in r.stdout.decode()
+
+
+def test_info_published_shape(tmp_path):
+    from checkpoints import published_config
+
+    cfg = published_config()
+    cfg["rope_scaling"].update(short_factor=[1.0] * 64, long_factor=[1.0] * 64)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    data = json.loads(run_phimoe("info", tmp_path, "--json").stdout)
+    assert round(data["parameters"]["total"] / 1e9, 1) == 41.9  # the published 41.9B
+    assert round(data["parameters"]["active_per_token"] / 1e9, 1) == 6.6  # "6.6B active"
+    assert data["kv_cache_bytes_per_token"]["bfloat16"] == 128 * 1024
