@@ -60,33 +60,50 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+    def probabilities(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The distribution to sample from (None means greedy: take the argmax of ``logits``).
+
+        The order is transformers': repetition penalty, temperature, top-k, top-p, min-p.
+        """
+        if self.params.temperature == 0:
+            return None
+        return self._distribution(self._masked(logits, history))
+
+    def _distribution(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
-        logits = logits.detach().float().cpu().clone()
-        if self.allowed is not None:
-            n = min(len(self.allowed), len(logits))
-            logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
-            logits[n:] = float("-inf")
-        if p.repetition_penalty != 1.0 and history is not None and len(history):
-            seen = torch.unique(history.cpu())
-            seen = seen[seen < len(logits)]
-            scores = logits[seen]
-            logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(int(p.top_k), len(logits))).values[-1]
             logits[logits < kth] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0:
-            probs[probs < p.min_p * probs.max()] = 0
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, 0) - sorted_probs  # mass of the better tokens
-            sorted_probs[before >= p.top_p * sorted_probs.sum()] = 0  # the best one always stays
+            better = torch.cumsum(sorted_probs, 0) - sorted_probs  # the mass of the better tokens
+            sorted_probs[better >= p.top_p] = 0  # the best token always stays
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        return probs / probs.sum()
+
+    def _masked(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        logits = logits.detach().float().cpu().clone()
+        if self.allowed is not None:  # padding rows of the embedding are never tokens
+            n = min(len(self.allowed), len(logits))
+            logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
+            logits[n:] = float("-inf")
+        penalty = self.params.repetition_penalty
+        if penalty != 1.0 and history is not None and len(history):
+            seen = torch.unique(history.cpu())
+            seen = seen[seen < len(logits)]
+            scores = logits[seen]
+            logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+        logits = self._masked(logits, history)
+        if self.params.temperature == 0:
+            return int(torch.argmax(logits))
+        return int(torch.multinomial(self._distribution(logits), 1, generator=self.generator))
 
 
 @dataclass

@@ -204,3 +204,20 @@ def test_info_published_shape(tmp_path):
     assert round(data["parameters"]["total"] / 1e9, 1) == 41.9  # the published 41.9B
     assert round(data["parameters"]["active_per_token"] / 1e9, 1) == 6.6  # "6.6B active"
     assert data["kv_cache_bytes_per_token"]["bfloat16"] == 128 * 1024
+
+
+def test_generate_from_the_offline_hub_cache(tmp_path, model_dir):
+    """A repo id resolved through a real huggingface_hub cache on disk, with HF_HUB_OFFLINE=1."""
+    from test_hub import add_to_cache
+
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    cache = tmp_path / "hub"
+    add_to_cache(cache, "someone/phimoe-tiny", files, "a" * 40)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = run_phimoe("generate", "-m", "someone/phimoe-tiny", "--json", "-t", "0", "-n", "5", "Hi", env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    local = gen_json(model_dir, "-t", "0", "-n", "5", "Hi")
+    assert json.loads(r.stdout)["token_ids"] == local["token_ids"]
+    r = run_phimoe("generate", "-m", "someone/absent", "Hi", env=env)
+    lines = one_error_line(r, 1)
+    assert len(lines) == 1 and "phimoe download" in lines[0]
