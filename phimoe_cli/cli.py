@@ -72,6 +72,8 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past stop tokens (benchmarking)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    quantize: str = typer.Option("none", "--quantize", "-q", help="Experts as none, int8, nf4 or fp4 (bitsandbytes)."),
+    quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Write timings to stderr."),
 ) -> None:
@@ -84,8 +86,106 @@ def generate(
         prompt, model=model, revision=revision, offline=offline or None, system=system, raw=raw,
         params=params, max_new_tokens=max_new_tokens, stop=stop or [], ignore_eos=ignore_eos,
         dtype=dtype, device=device, json_out=json_out, verbose=verbose,
+        quantize=quantize, quantize_attention=quantize_attention,
     )
     raise typer.Exit(code)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Hub repo id or local checkpoint directory."),
+    out: str = typer.Argument(..., help="Directory to write the quantized checkpoint to."),
+    quant: str = typer.Option("nf4", "--quantize", "-q", help="int8, nf4 or fp4."),
+    quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype of what is not quantized."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub repo."),
+    offline: bool = typer.Option(False, "--offline", help="Use only the local Hugging Face cache."),
+) -> None:
+    """Write a quantized checkpoint (quantized tensor by tensor; loads fast with --model OUT)."""
+    from phimoe_cli.hub import resolve_model
+    from phimoe_cli.model import load_model
+    from phimoe_cli.model.saving import save_quantized
+
+    if quant == "none":
+        raise typer.BadParameter("choose int8, nf4 or fp4", param_hint="--quantize")
+    path = resolve_model(model, revision=revision, offline=offline or None)
+    net = load_model(path, dtype=dtype, quantize=quant, quantize_attention=quantize_attention)
+    typer.echo(str(save_quantized(net, path, out)))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Hub repo id or local checkpoint directory."),
+    text: str = typer.Option(..., "--text", help="A UTF-8 text file to score."),
+    quant: str = typer.Option("int8", "--quantize", "-q", help="int8, nf4 or fp4."),
+    quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=2, help="Score at most this many tokens."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Quality cost of a quantization: KL divergence, top-1 agreement, perplexities."""
+    import json
+    from pathlib import Path
+
+    from phimoe_cli.evaluate import evaluate as run_eval
+    from phimoe_cli.hub import resolve_model
+    from phimoe_cli.runtime import UserError
+    from phimoe_cli.tokenizer import Tokenizer
+
+    try:
+        content = Path(text).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {text}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{text} is not UTF-8 text") from None
+    path = resolve_model(model)
+    ids = Tokenizer.from_dir(path).encode(content)[:max_tokens]
+    if len(ids) < 2:
+        raise UserError(f"{text} has fewer than 2 tokens")
+    result = run_eval(path, ids, quant, dtype=dtype, device=device, quantize_attention=quantize_attention)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(
+            f"{result['quantize']} on {result['tokens']} tokens: KL {result['kl']:.4f}, "
+            f"top-1 agreement {result['top1_agreement']:.1%}, perplexity {result['perplexity']:.2f} "
+            f"(reference {result['perplexity_reference']:.2f})"
+        )
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local checkpoint directory."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub repo."),
+    offline: bool = typer.Option(False, "--offline", help="Use only the local Hugging Face cache."),
+    system: str = typer.Option(None, "--system", "-s", help="A system message."),
+    resume: str = typer.Option(None, "--resume", "-r", help="Continue a saved conversation (a JSON file, or 'last')."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", "-n", min=1, help="Most tokens per reply (default 1024)."),
+    temperature: float = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy (default 0.7).", rich_help_panel=_SAMPLING),
+    top_k: int = typer.Option(None, "--top-k", min=0, help="Keep the k best tokens (0 = off) (default 0).", rich_help_panel=_SAMPLING),
+    top_p: float = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (1 = off) (default 0.95).", rich_help_panel=_SAMPLING),
+    min_p: float = typer.Option(None, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the best (default 0).", rich_help_panel=_SAMPLING),
+    repetition_penalty: float = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats (default 1).", rich_help_panel=_SAMPLING),
+    seed: int = typer.Option(None, "--seed", min=0, help="Make sampling reproducible.", rich_help_panel=_SAMPLING),
+    stop: list[str] = typer.Option(None, "--stop", help="End a reply at this text (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past stop tokens (tests, benchmarks)."),
+    context: int = typer.Option(None, "--context", min=16, help="Context length in tokens (default the model's)."),
+    on_overflow: str = typer.Option("drop-oldest", "--on-overflow", help="When the context is full: drop-oldest (turns) or error."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    plain: bool = typer.Option(False, "--plain", help="Print replies as raw text, not Markdown."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history."),
+) -> None:
+    """Chat in the terminal (/help inside). With stdin piped: answer it as one message and exit."""
+    from phimoe_cli.repl import run_chat
+
+    raise typer.Exit(run_chat(
+        model=model, revision=revision, offline=offline or None, system=system, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=max_new_tokens, stop=stop or [], ignore_eos=ignore_eos, dtype=dtype, device=device,
+        context=context, plain=plain, no_history=no_history, resume=resume, on_overflow=on_overflow,
+    ))
 
 
 @app.command()

@@ -10,10 +10,12 @@ from phimoe_cli.runtime import load, read_prompt
 
 
 def run_generate(prompt, *, model, revision, offline, system, raw, params: SamplingParams,
-                 max_new_tokens, stop, ignore_eos, dtype, device, json_out, verbose) -> int:
+                 max_new_tokens, stop, ignore_eos, dtype, device, json_out, verbose,
+                 quantize="none", quantize_attention=False) -> int:
     text = read_prompt(prompt)
     params.validate()
-    loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device)
+    loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device,
+                  quantize=quantize, quantize_attention=quantize_attention)
     tok = loaded.tokenizer
     if raw:
         prompt_ids = tok.encode(text)

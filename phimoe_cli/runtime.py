@@ -35,7 +35,9 @@ def exit_code_of(exc: BaseException) -> int | None:
 
 def _is_option_error(exc: ValueError) -> bool:
     text = str(exc)
-    return text.startswith(("unknown dtype", "unknown device", "device ")) or "CUDA is not available" in text
+    return text.startswith(("unknown dtype", "unknown device", "device ", "unknown quantization")) or any(
+        needle in text for needle in ("CUDA is not available", "is already quantized", "exists and is not empty")
+    )
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
@@ -79,13 +81,19 @@ class Loaded:
     device: str
     load_s: float
 
+    @property
+    def quantize(self) -> str:
+        return getattr(self.model, "quantization", {}).get("quantize", "none")
+
 
 def load(model: str, revision: str | None = None, offline: bool | None = None,
-         dtype: str = "auto", device: str = "cpu", progress: bool | None = None) -> Loaded:
+         dtype: str = "auto", device: str = "cpu", progress: bool | None = None,
+         quantize: str = "none", quantize_attention: bool = False) -> Loaded:
     """Resolve ``model`` (a directory or hub repo id), then load its tokenizer and weights."""
     t0 = time.perf_counter()
     path = resolve_model(model, revision=revision, offline=offline, progress=progress)
     tokenizer = Tokenizer.from_dir(path)
-    net = load_model(path, dtype=dtype, device=device, progress=progress)
+    net = load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
+                     quantize_attention=quantize_attention)
     dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
     return Loaded(model, revision, path, net, tokenizer, dtype_name, device, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
+from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -98,18 +100,48 @@ def weight_files(path: Path) -> dict[str, list[str] | None]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _targets(model: torch.nn.Module, config: PhimoeConfig) -> dict[str, tuple[torch.Tensor, int | None]]:
-    """Checkpoint tensor name -> (destination parameter, expert index or None)."""
-    targets: dict[str, tuple[torch.Tensor, int | None]] = {}
+def _targets(model: torch.nn.Module, config: PhimoeConfig, saved_quantized: bool = False) -> dict:
+    """Checkpoint tensor name -> (expected shape, store function).
+
+    The hub stores each expert as its own matrices (``experts.3.w1.weight``); here they land in a
+    slot of the layer's stacked tensor, or are quantized into it. A checkpoint written by
+    ``phimoe quantize`` holds the model's own tensors under their own names.
+    """
+    targets: dict[str, tuple[tuple[int, ...], object]] = {}
+    if saved_quantized:
+        for name, t in model.state_dict().items():
+            if not name.endswith("inv_freq"):
+                targets[name] = (tuple(t.shape), t.copy_)
+        return _untie(targets, config)
+    quantized = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            quantized[prefix] = module
+            for w in ("w1", "w2", "w3"):
+                matrices = getattr(module, w)
+                for e in range(module.num_experts):
+                    targets[f"{prefix}.{e}.{w}.weight"] = (matrices.shape, partial(matrices.store, e))
+        elif isinstance(module, QuantizedLinear):
+            quantized[prefix] = module
+            targets[f"{prefix}.weight"] = (module.weight_q.shape, partial(module.weight_q.store, 0))
+            if module.bias is not None:
+                targets[f"{prefix}.bias"] = (tuple(module.bias.shape), module.bias.copy_)
     for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
         if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
             prefix, w = name.rsplit(".", 1)
             for e in range(config.num_local_experts):
-                targets[f"{prefix}.{e}.{w}.weight"] = (param, e)
+                targets[f"{prefix}.{e}.{w}.weight"] = (tuple(param.shape[1:]), param[e].copy_)
         else:
-            targets[name] = (param, None)
-    if config.tie_word_embeddings and "lm_head.weight" in targets:
-        del targets["lm_head.weight"]
+            targets[name] = (tuple(param.shape), param.copy_)
+    return _untie(targets, config)
+
+
+def _untie(targets: dict, config: PhimoeConfig) -> dict:
+    if config.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
     return targets
 
 
@@ -202,19 +234,20 @@ class SafetensorsFile:
 
 
 def load_weights(
-    model: torch.nn.Module, path: str | Path, config: PhimoeConfig, progress: bool | None = None
+    model: torch.nn.Module, path: str | Path, config: PhimoeConfig, progress: bool | None = None,
+    saved_quantized: bool = False,
 ) -> None:
     """Fill ``model``'s (already allocated) parameters from the checkpoint in ``path``."""
     path = Path(path)
     files = weight_files(path)
-    targets = _targets(model, config)
+    targets = _targets(model, config, saved_quantized)
     seen: set[str] = set()
     total = sum((path / f).stat().st_size for f in files)
     with _progress(total, progress, "Loading weights") as advance:
         for file, listed in files.items():
             f = SafetensorsFile(path / file)
             try:
-                _load_file(f, listed, targets, seen, advance)
+                _load_file(f, listed, targets, seen, advance, saved_quantized)
             finally:
                 f.close()
     missing = [n for n in targets if n not in seen]
@@ -225,7 +258,7 @@ def load_weights(
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance) -> None:
+def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance, saved_quantized: bool) -> None:
     if listed is not None:
         absent = sorted(set(listed) - set(f.entries))
         if absent:
@@ -237,17 +270,16 @@ def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance) -> 
             raise CheckpointError(f"{f.path}: unexpected tensor {name}")
         if name in seen:
             raise CheckpointError(f"{f.path}: tensor {name} appears in two files")
-        dest, expert = targets[name]
-        want = tuple(dest.shape[1:] if expert is not None else dest.shape)
+        want, store = targets[name]
         if shape != want:
             raise CheckpointError(
                 f"{f.path}: tensor {name} has shape {list(shape)}, expected {list(want)} from config.json"
             )
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point and not saved_quantized:
             raise CheckpointError(f"{f.path}: tensor {name} has dtype {dtype}, expected floats")
         source = f.tensor(name)
         with torch.no_grad():
-            (dest[expert] if expert is not None else dest).copy_(source)
+            store(source)
         del source
         f.release(name)
         seen.add(name)
@@ -259,14 +291,49 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.device):
-    """The model with uninitialised storage in ``dtype`` on ``device`` (nothing is computed)."""
+QUANT_FILE = "phimoe_quantization.json"
+
+
+def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
+                quantize: str = "none", quantize_attention: bool = False):
+    """The model with uninitialised storage in ``dtype`` on ``device`` (nothing is computed).
+    With ``quantize``, the experts (and with ``quantize_attention`` the attention projections)
+    are quantized modules: the float weights are never allocated."""
     with torch.device("meta"):
-        model = cls(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = cls(config).to(dtype=dtype)
+        if quantize != "none":
+            _swap_quantized(model, config, quantize, quantize_attention, dtype)
+    model = model.to_empty(device=device)
     # non-persistent buffers do not survive to_empty: rebuild the rotary tables (kept in float32)
     model.model.rotary_emb = LongRoPE(config).to(device)
     return model
+
+
+def _swap_quantized(model, config: PhimoeConfig, quant_type: str, attention: bool, dtype) -> None:
+    c = config
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        moe.experts = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type, dtype)
+        if attention:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                old = getattr(attn, name)
+                setattr(attn, name, QuantizedLinear(old.in_features, old.out_features, old.bias is not None,
+                                                    quant_type, dtype))
+
+
+def read_quantization(path: str | Path) -> dict | None:
+    """The quantization a ``phimoe quantize`` checkpoint was written with (None for others)."""
+    file = Path(path) / QUANT_FILE
+    if not file.exists():
+        return None
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+        if info.get("format") != 1 or info.get("quantize") not in QUANT_TYPES:
+            raise ValueError
+        return info
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: not a valid phimoe quantization file") from None
 
 
 def load_model(
@@ -275,18 +342,31 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     cls=PhimoeForCausalLM,
+    quantize: str = "none",
+    quantize_attention: bool = False,
 ):
     """Load a checkpoint directory (hub layout) into a model in eval mode.
 
     ``dtype``: auto (the config's torch_dtype), bfloat16, float16 or float32. ``device``: cpu or
-    cuda. Raises CheckpointError (one line, naming the file or tensor) for a bad checkpoint and
-    ValueError for a bad dtype or device.
+    cuda. ``quantize``: none, int8, nf4 or fp4 experts, quantized tensor by tensor while loading.
+    A checkpoint written by ``phimoe quantize`` loads as it was saved. Raises CheckpointError
+    (one line, naming the file or tensor) for a bad checkpoint and ValueError for bad options.
     """
     config = load_config(path)
+    saved = read_quantization(path)
+    if quantize not in ("none", *QUANT_TYPES):
+        raise ValueError(f"unknown quantization {quantize!r}: choose none, {', '.join(QUANT_TYPES)}")
+    if saved is not None:
+        if quantize not in ("none", saved["quantize"]) or (quantize_attention and not saved["quantize_attention"]):
+            raise ValueError(f"{path} is already quantized ({saved['quantize']}); load it without --quantize")
+        quantize, quantize_attention = saved["quantize"], saved["quantize_attention"]
+        if dtype == "auto":
+            dtype = saved["dtype"]
     torch_dtype = resolve_dtype(dtype, config)
     dev = resolve_device(device)
-    model = build_empty(cls, config, torch_dtype, dev)
-    load_weights(model, path, config, progress)
+    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention)
+    load_weights(model, path, config, progress, saved_quantized=saved is not None)
+    model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}
     return model.eval().requires_grad_(False)
 
 
