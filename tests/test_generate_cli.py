@@ -35,11 +35,12 @@ def test_greedy_equals_transformers_generate(model_dir):
     out = gen_json(model_dir, "--raw", "-t", "0", "-n", "24", "--ignore-eos", "The quick brown fox")
     ids = torch.tensor([out["prompt_token_ids"]])
     ref = transformers.PhimoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                min_new_tokens=24)[0, ids.shape[1]:].tolist()
-    assert out["token_ids"] == expected
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    padding_rows = list(range(len(tok), ref.config.vocab_size))  # ids with no token: never generated
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, min_new_tokens=24,
+                                suppress_tokens=padding_rows or None)[0, ids.shape[1]:].tolist()
+    assert out["token_ids"] == expected
     assert out["prompt_token_ids"] == tok("The quick brown fox", add_special_tokens=True)["input_ids"]
     assert out["text"] == tok.decode(expected, skip_special_tokens=True)
 
@@ -115,7 +116,12 @@ def test_seed_makes_sampling_reproducible(model_dir):
 def test_context_end_and_too_long_prompt(tmp_path):
     path = make_model_dir(tmp_path / "short", max_position_embeddings=40, original_max_position_embeddings=16,
                           sliding_window=40)
-    text = " ".join(["word"] * 30)
+    from phimoe_cli.tokenizer import Tokenizer
+
+    tok, words = Tokenizer.from_dir(path), 30
+    while len(tok.encode(" ".join(["word"] * words))) > 30:  # a prompt of at most 30 of the 40 tokens
+        words -= 1
+    text = " ".join(["word"] * words)
     out = gen_json(path, "--raw", "-n", "100", "--ignore-eos", text)
     assert out["finish_reason"] == "length"
     assert len(out["prompt_token_ids"]) + len(out["token_ids"]) == 40
