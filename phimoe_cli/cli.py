@@ -71,9 +71,11 @@ def generate(
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable; not printed)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past stop tokens (benchmarking)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (plan from free GPU memory)."),
     quantize: str = typer.Option("none", "--quantize", "-q", help="Experts as none, int8, nf4 or fp4 (bitsandbytes)."),
     quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
+    offload: str = typer.Option("none", "--offload", help="experts: keep experts in host memory, cache the used ones on the device."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="Device memory for --offload / --device auto, e.g. 20GiB."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Write timings to stderr."),
 ) -> None:
@@ -86,7 +88,7 @@ def generate(
         prompt, model=model, revision=revision, offline=offline or None, system=system, raw=raw,
         params=params, max_new_tokens=max_new_tokens, stop=stop or [], ignore_eos=ignore_eos,
         dtype=dtype, device=device, json_out=json_out, verbose=verbose,
-        quantize=quantize, quantize_attention=quantize_attention,
+        quantize=quantize, quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory,
     )
     raise typer.Exit(code)
 
@@ -205,12 +207,17 @@ def info(
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of a hub repo."),
     offline: bool = typer.Option(False, "--offline", help="Use only the local Hugging Face cache."),
     context: int = typer.Option(4096, "--context", min=1, help="Context length for the KV-cache estimate."),
+    plan: bool = typer.Option(False, "--plan", help="Also show where --device auto would place the model."),
+    quantize: str = typer.Option("none", "--quantize", "-q", help="With --plan: none, int8, nf4 or fp4 experts."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="With --plan: device memory to plan for, e.g. 24GiB."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Architecture, parameters and memory needs from config.json alone (no weight download)."""
     from phimoe_cli.info_command import run_info
+    from phimoe_cli.runtime import parse_size
 
-    run_info(model, revision=revision, offline=offline or None, context=context, json_out=json_out)
+    run_info(model, revision=revision, offline=offline or None, context=context, json_out=json_out,
+             plan=plan, quantize=quantize, gpu_memory=parse_size(gpu_memory))
 
 
 @app.command()

@@ -6,16 +6,17 @@ import json
 import sys
 
 from phimoe_cli.generation import Generator, SamplingParams
+from phimoe_cli.model.offload import offload_stats
 from phimoe_cli.runtime import load, read_prompt
 
 
 def run_generate(prompt, *, model, revision, offline, system, raw, params: SamplingParams,
                  max_new_tokens, stop, ignore_eos, dtype, device, json_out, verbose,
-                 quantize="none", quantize_attention=False) -> int:
+                 quantize="none", quantize_attention=False, offload="none", gpu_memory=None) -> int:
     text = read_prompt(prompt)
     params.validate()
     loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device,
-                  quantize=quantize, quantize_attention=quantize_attention)
+                  quantize=quantize, quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory)
     tok = loaded.tokenizer
     if raw:
         prompt_ids = tok.encode(text)
@@ -53,6 +54,10 @@ def run_generate(prompt, *, model, revision, offline, system, raw, params: Sampl
             f"load {loaded.load_s:.2f} s, first token {res.time_to_first_token_s:.2f} s, "
             f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s\n"
         )
+        stats = offload_stats(loaded.model)
+        if stats:
+            sys.stderr.write(f"expert cache: {stats['capacity_per_layer']} per layer on {loaded.device}, "
+                             f"hit rate {stats['hit_rate']:.0%} ({stats['hits']} hits, {stats['misses']} misses)\n")
     if res.finish_reason == "interrupted":
         sys.stderr.write("interrupted\n")
         return 130

@@ -23,13 +23,18 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=False) -> None:
+def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=False, plan=False,
+             quantize="none", gpu_memory=None) -> None:
     path = resolve_config(model, revision=revision, offline=offline)
     from phimoe_cli.model.loading import load_config
 
     config: PhimoeConfig = load_config(path)
     data = report(config, context=context)
     data["model"] = model
+    if plan:
+        from phimoe_cli.model.offload import plan_placement
+
+        data["plan"] = plan_placement(config, 2, quantize, gpu_memory, kv_tokens=context)
     if json_out:
         print(json.dumps(data))
         return
@@ -68,3 +73,8 @@ def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=
                   + "".join(f", {g['name']} {_size(g['free_bytes'])} free" for g in gpus)
                   + ("" if gpus else ", no CUDA GPU"))
     console.print(f"[dim]{data['note']}[/dim]")
+    if plan:
+        p = data["plan"]
+        where = p["device"] + (f" + experts offloaded to host memory ({p['experts_per_layer_on_gpu']} per layer cached on the GPU)"
+                               if p["offload"] != "none" else "")
+        console.print(f"[bold]--device auto[/bold] (bfloat16, {quantize} experts): {where}: {p['reason']}")

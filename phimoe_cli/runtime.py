@@ -35,8 +35,9 @@ def exit_code_of(exc: BaseException) -> int | None:
 
 def _is_option_error(exc: ValueError) -> bool:
     text = str(exc)
-    return text.startswith(("unknown dtype", "unknown device", "device ", "unknown quantization")) or any(
-        needle in text for needle in ("CUDA is not available", "is already quantized", "exists and is not empty")
+    return text.startswith(("unknown dtype", "unknown device", "device ", "unknown quantization", "unknown offload")) or any(
+        needle in text for needle in ("CUDA is not available", "is already quantized", "exists and is not empty",
+                                      "--offload experts works")
     )
 
 
@@ -88,12 +89,30 @@ class Loaded:
 
 def load(model: str, revision: str | None = None, offline: bool | None = None,
          dtype: str = "auto", device: str = "cpu", progress: bool | None = None,
-         quantize: str = "none", quantize_attention: bool = False) -> Loaded:
+         quantize: str = "none", quantize_attention: bool = False, offload: str = "none",
+         gpu_memory: str | None = None) -> Loaded:
     """Resolve ``model`` (a directory or hub repo id), then load its tokenizer and weights."""
     t0 = time.perf_counter()
     path = resolve_model(model, revision=revision, offline=offline, progress=progress)
     tokenizer = Tokenizer.from_dir(path)
     net = load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
-                     quantize_attention=quantize_attention)
+                     quantize_attention=quantize_attention, offload=offload, gpu_memory=parse_size(gpu_memory))
     dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
-    return Loaded(model, revision, path, net, tokenizer, dtype_name, device, time.perf_counter() - t0)
+    device_name = str(net.lm_head.weight.device.type)
+    return Loaded(model, revision, path, net, tokenizer, dtype_name, device_name, time.perf_counter() - t0)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'20GiB', '20GB', '512MiB', '1.5e9' -> bytes (None stays None)."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read the size {text!r}: use e.g. 20GiB, 24GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -23,6 +23,7 @@ import torch
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
+from .offload import OffloadedExperts, capacity_for_budget, plan_placement
 from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -49,6 +50,8 @@ def resolve_dtype(dtype: str | torch.dtype, config: PhimoeConfig | None = None) 
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -121,6 +124,11 @@ def _targets(model: torch.nn.Module, config: PhimoeConfig, saved_quantized: bool
                 matrices = getattr(module, w)
                 for e in range(module.num_experts):
                     targets[f"{prefix}.{e}.{w}.weight"] = (matrices.shape, partial(matrices.store, e))
+        elif isinstance(module, OffloadedExperts):
+            for w in ("w1", "w2", "w3"):
+                shape = tuple(module.host[w].shape[1:])
+                for e in range(module.num_experts):
+                    targets[f"{prefix}.{e}.{w}.weight"] = (shape, partial(module.store, w, e))
         elif isinstance(module, QuantizedLinear):
             quantized[prefix] = module
             targets[f"{prefix}.weight"] = (module.weight_q.shape, partial(module.weight_q.store, 0))
@@ -295,14 +303,20 @@ QUANT_FILE = "phimoe_quantization.json"
 
 
 def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
-                quantize: str = "none", quantize_attention: bool = False):
+                quantize: str = "none", quantize_attention: bool = False, offload_capacity: int | None = None):
     """The model with uninitialised storage in ``dtype`` on ``device`` (nothing is computed).
     With ``quantize``, the experts (and with ``quantize_attention`` the attention projections)
-    are quantized modules: the float weights are never allocated."""
+    are quantized modules: the float weights are never allocated. With ``offload_capacity``, the
+    experts live in host memory with that many per layer cached on ``device``."""
     with torch.device("meta"):
         model = cls(config).to(dtype=dtype)
         if quantize != "none":
             _swap_quantized(model, config, quantize, quantize_attention, dtype)
+        if offload_capacity is not None:
+            c = config
+            for layer in model.model.layers:
+                layer.block_sparse_moe.experts = OffloadedExperts(
+                    c.num_local_experts, c.hidden_size, c.intermediate_size, offload_capacity, dtype, device)
     model = model.to_empty(device=device)
     # non-persistent buffers do not survive to_empty: rebuild the rotary tables (kept in float32)
     model.model.rotary_emb = LongRoPE(config).to(device)
@@ -344,12 +358,16 @@ def load_model(
     cls=PhimoeForCausalLM,
     quantize: str = "none",
     quantize_attention: bool = False,
+    offload: str = "none",
+    gpu_memory: int | None = None,
 ):
     """Load a checkpoint directory (hub layout) into a model in eval mode.
 
     ``dtype``: auto (the config's torch_dtype), bfloat16, float16 or float32. ``device``: cpu or
     cuda. ``quantize``: none, int8, nf4 or fp4 experts, quantized tensor by tensor while loading.
-    A checkpoint written by ``phimoe quantize`` loads as it was saved. Raises CheckpointError
+    A checkpoint written by ``phimoe quantize`` loads as it was saved. ``offload="experts"`` keeps
+    the experts in host memory and caches as many per layer on ``device`` as ``gpu_memory`` bytes
+    allow (at least top-k). ``device="auto"`` plans placement from free GPU memory. Raises CheckpointError
     (one line, naming the file or tensor) for a bad checkpoint and ValueError for bad options.
     """
     config = load_config(path)
@@ -363,8 +381,23 @@ def load_model(
         if dtype == "auto":
             dtype = saved["dtype"]
     torch_dtype = resolve_dtype(dtype, config)
+    if device == "auto":
+        plan = plan_placement(config, torch_dtype.itemsize, quantize, gpu_memory)
+        device = plan["device"]
+        if plan["offload"] != "none" and offload == "none":
+            offload = plan["offload"]
     dev = resolve_device(device)
-    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention)
+    capacity = None
+    if offload not in ("none", "experts"):
+        raise ValueError(f"unknown offload {offload!r}: choose none or experts")
+    if offload == "experts":
+        if quantize != "none":
+            raise ValueError("--offload experts works with unquantized experts (use one or the other)")
+        budget = gpu_memory
+        if budget is None and dev.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(dev)[0] * 0.9)
+        capacity = capacity_for_budget(config, budget or 0, torch_dtype.itemsize)
+    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity)
     load_weights(model, path, config, progress, saved_quantized=saved is not None)
     model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}
     return model.eval().requires_grad_(False)

@@ -1,0 +1,112 @@
+"""Expert offload: every expert's weights in host memory, the ones in use cached on the device.
+
+Each layer keeps a small LRU cache of experts on the compute device (``capacity`` slots, at least
+``top_k``); a token's chosen experts are copied in on a miss (from pinned memory when the device
+is CUDA, so the copy is asynchronous), evicting the least recently used. Attention, router,
+norms and embeddings stay on the device. The code is device-agnostic: with host and device both
+"cpu" it runs, and is tested, without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .config import parameter_counts
+from .layers import Experts
+
+
+class OffloadedExperts(Experts):
+    """``layers.Experts`` whose weights live in host memory, with a per-layer LRU device cache."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        torch.nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.capacity = max(1, min(capacity, num_experts))
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        # plain attributes, not buffers: .to() / to_empty() never move the host copy to the device
+        self.host = {
+            name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu", pin_memory=pin)
+            for name, shape in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn)))
+        }
+        self.slots = {
+            name: torch.empty(self.capacity, *t.shape[1:], dtype=dtype, device=self.device)
+            for name, t in self.host.items()
+        }
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
+        self.hits = self.misses = 0
+
+    def store(self, name: str, e: int, weight: torch.Tensor) -> None:
+        self.host[name][e].copy_(weight)
+        self.slot_of.pop(e, None)  # a cached copy would be stale
+
+    def _slot(self, e: int) -> int:
+        if e in self.slot_of:
+            self.hits += 1
+            self.slot_of.move_to_end(e)
+            return self.slot_of[e]
+        self.misses += 1
+        if len(self.slot_of) < self.capacity:
+            slot = len(self.slot_of)
+        else:
+            _, slot = self.slot_of.popitem(last=False)  # evict the least recently used
+        for name, host in self.host.items():
+            self.slots[name][slot].copy_(host[e], non_blocking=True)
+        self.slot_of[e] = slot
+        return slot
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        s = self._slot(e)
+        w1, w2, w3 = self.slots["w1"][s], self.slots["w2"][s], self.slots["w3"][s]
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def offload_stats(model) -> dict:
+    """Expert cache hits and misses over all layers (empty if nothing is offloaded)."""
+    layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    if not layers:
+        return {}
+    hits, misses = sum(m.hits for m in layers), sum(m.misses for m in layers)
+    return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "capacity_per_layer": layers[0].capacity}
+
+
+def expert_bytes(config, dtype_bytes: int) -> int:
+    return 3 * config.hidden_size * config.intermediate_size * dtype_bytes
+
+
+def capacity_for_budget(config, budget_bytes: int, dtype_bytes: int) -> int:
+    """Experts per layer that fit ``budget_bytes`` of device memory after everything else."""
+    dense = parameter_counts(config)["dense"] * dtype_bytes
+    per_layer = (budget_bytes - dense) // (config.num_hidden_layers * expert_bytes(config, dtype_bytes))
+    return int(max(config.num_experts_per_tok, min(config.num_local_experts, per_layer)))
+
+
+def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_memory: int | None = None,
+                   kv_tokens: int = 4096) -> dict:
+    """Where ``--device auto`` puts the model: on the GPU if it all fits; on the GPU with experts
+    offloaded to host memory if the rest fits; else on the CPU."""
+    counts = parameter_counts(config)
+    per_weight = {"int8": 1.0, "nf4": 0.5625, "fp4": 0.5625}.get(quantize, dtype_bytes)
+    weights = counts["dense"] * dtype_bytes + counts["experts"] * per_weight
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes * kv_tokens
+    free = gpu_memory
+    if free is None and torch.cuda.is_available():
+        free = int(torch.cuda.mem_get_info()[0] * 0.9)
+    plan = {"device": "cpu", "offload": "none", "experts_per_layer_on_gpu": None, "gpu_budget_bytes": free,
+            "weights_bytes": int(weights), "kv_cache_bytes": kv}
+    if not free:
+        plan["reason"] = "no CUDA GPU"
+    elif weights + kv <= free:
+        plan.update(device="cuda", reason="the whole model fits the GPU")
+    elif quantize == "none" and counts["dense"] * dtype_bytes + kv + config.num_hidden_layers * config.num_experts_per_tok * expert_bytes(config, dtype_bytes) <= free:
+        cap = capacity_for_budget(config, free - kv, dtype_bytes)
+        plan.update(device="cuda", offload="experts", experts_per_layer_on_gpu=cap,
+                    reason=f"attention, router and embeddings on the GPU; {cap} of {config.num_local_experts} experts per layer cached there")
+    else:
+        plan["reason"] = "not even the non-expert weights fit the GPU"
+    return plan

@@ -1,0 +1,89 @@
+"""Expert offload (host memory + per-layer LRU device cache), exercised CPU-to-CPU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from conftest import run_phimoe
+from phimoe_cli.model import PhimoeConfig, load_model
+from phimoe_cli.model.offload import OffloadedExperts, offload_stats, plan_placement
+
+
+def ids(n, seed=0):
+    return torch.randint(0, 32000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_offloaded_model_equals_the_resident_one(model_dir):
+    ref = load_model(model_dir)
+    x = ids(30)
+    with torch.no_grad():
+        full = ref(x)
+    for budget in (0, 10**9):  # top-k experts per layer only, and all of them
+        m = load_model(model_dir, offload="experts", gpu_memory=budget)
+        with torch.no_grad():
+            cache = m.new_cache()
+            inc = torch.cat([m(x[:, :18], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(18, 30)], 1)
+        assert (inc - full).abs().max().item() < 1e-4
+        stats = offload_stats(m)
+        assert stats["hits"] + stats["misses"] > 0
+    assert offload_stats(ref) == {}
+
+
+def test_lru_hits_and_evictions():
+    torch.manual_seed(0)
+    experts = OffloadedExperts(4, 8, 12, capacity=2, dtype=torch.float32, device="cpu")
+    dense = {w: torch.randn(4, *experts.host[w].shape[1:]) for w in ("w1", "w2", "w3")}
+    for w, t in dense.items():
+        for e in range(4):
+            experts.store(w, e, t[e])
+    x = torch.randn(3, 8)
+    for e in (0, 1, 0, 2, 1, 1):
+        got = experts.expert(e, x)
+        want = F.linear(F.silu(F.linear(x, dense["w1"][e])) * F.linear(x, dense["w3"][e]), dense["w2"][e])
+        assert torch.allclose(got, want, atol=1e-6), e  # right weights after every eviction
+    # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 1 miss (evicts 0), 1 hit
+    assert (experts.hits, experts.misses) == (2, 4)
+    assert list(experts.slot_of) == [2, 1]
+
+
+def test_store_invalidates_a_cached_copy():
+    experts = OffloadedExperts(2, 4, 4, capacity=2, dtype=torch.float32, device="cpu")
+    for w in ("w1", "w2", "w3"):
+        for e in range(2):
+            experts.store(w, e, torch.ones(4, 4))
+    x = torch.ones(1, 4)
+    before = experts.expert(0, x)
+    experts.store("w2", 0, torch.zeros(4, 4))
+    assert torch.count_nonzero(experts.expert(0, x)) == 0 and torch.count_nonzero(before) > 0
+
+
+def test_placement_plan(tmp_path):
+    from checkpoints import published_config
+
+    cfg = published_config()
+    cfg["rope_scaling"].update(short_factor=[1.0] * 64, long_factor=[1.0] * 64)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = PhimoeConfig.from_file(tmp_path)
+    gib = 1 << 30
+    assert plan_placement(c, 2, gpu_memory=0)["device"] == "cpu"
+    assert plan_placement(c, 2, gpu_memory=100 * gib)["offload"] == "none"  # 78 GiB of weights fit
+    p = plan_placement(c, 2, gpu_memory=24 * gib)
+    assert (p["device"], p["offload"]) == ("cuda", "experts") and 2 <= p["experts_per_layer_on_gpu"] < 16
+    assert plan_placement(c, 2, "nf4", gpu_memory=40 * gib)["offload"] == "none"  # nf4 fits 40 GiB
+    assert plan_placement(c, 2, gpu_memory=1 * gib)["device"] == "cpu"
+    r = run_phimoe("info", tmp_path, "--plan", "--gpu-memory", "24GiB", "--json")
+    assert json.loads(r.stdout)["plan"]["offload"] == "experts"
+
+
+def test_generate_with_offload(model_dir):
+    a = run_phimoe("generate", "-m", model_dir, "--json", "-t", "0", "-n", "8", "Hi")
+    b = run_phimoe("generate", "-m", model_dir, "--json", "-t", "0", "-n", "8", "--offload", "experts",
+                   "--gpu-memory", "1MB", "-v", "Hi")
+    assert a.returncode == 0 and b.returncode == 0, b.stderr.decode()
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+    assert b"expert cache: 2 per layer" in b.stderr and b"hit rate" in b.stderr
+    r = run_phimoe("generate", "-m", model_dir, "--offload", "experts", "-q", "int8", "Hi")
+    assert r.returncode == 2 and r.stderr.decode().startswith("error:")
