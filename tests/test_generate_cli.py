@@ -227,3 +227,11 @@ def test_generate_from_the_offline_hub_cache(tmp_path, model_dir):
     r = run_phimoe("generate", "-m", "someone/absent", "Hi", env=env)
     lines = one_error_line(r, 1)
     assert len(lines) == 1 and "phimoe download" in lines[0]
+
+
+def test_download_without_network_is_one_line(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    r = run_phimoe("download", "someone/absent", env=env, timeout=60)
+    lines = one_error_line(r, 1)
+    assert len(lines) == 1 and lines[0].startswith("error:")
