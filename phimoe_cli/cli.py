@@ -175,7 +175,11 @@ def chat(
     context: int = typer.Option(None, "--context", min=16, help="Context length in tokens (default the model's)."),
     on_overflow: str = typer.Option("drop-oldest", "--on-overflow", help="When the context is full: drop-oldest (turns) or error."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (plan from free GPU memory)."),
+    quantize: str = typer.Option("none", "--quantize", "-q", help="Experts as none, int8, nf4 or fp4 (bitsandbytes)."),
+    quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
+    offload: str = typer.Option("none", "--offload", help="experts: keep experts in host memory, cache the used ones on the device."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="Device memory for --offload / --device auto, e.g. 20GiB."),
     plain: bool = typer.Option(False, "--plain", help="Print replies as raw text, not Markdown."),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write the input history."),
 ) -> None:
@@ -187,6 +191,7 @@ def chat(
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         max_new_tokens=max_new_tokens, stop=stop or [], ignore_eos=ignore_eos, dtype=dtype, device=device,
         context=context, plain=plain, no_history=no_history, resume=resume, on_overflow=on_overflow,
+        quantize=quantize, quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory,
     ))
 
 
