@@ -75,6 +75,7 @@ def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=
     console.print(f"[dim]{data['note']}[/dim]")
     if plan:
         p = data["plan"]
-        where = p["device"] + (f" + experts offloaded to host memory ({p['experts_per_layer_on_gpu']} per layer cached on the GPU)"
-                               if p["offload"] != "none" else "")
+        cached = f", {p['experts_per_layer_on_gpu']} per layer cached on the GPU" if p["experts_per_layer_on_gpu"] else ""
+        where = p["device"] + {"none": "", "experts": f" + experts in host RAM{cached}",
+                               "disk": f" + experts memory-mapped from the files{cached}"}[p["offload"]]
         console.print(f"[bold]--device auto[/bold] (bfloat16, {quantize} experts): {where}: {p['reason']}")

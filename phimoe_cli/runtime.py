@@ -37,7 +37,7 @@ def _is_option_error(exc: ValueError) -> bool:
     text = str(exc)
     return text.startswith(("unknown dtype", "unknown device", "device ", "unknown quantization", "unknown offload")) or any(
         needle in text for needle in ("CUDA is not available", "is already quantized", "exists and is not empty",
-                                      "--offload experts works")
+                                      "--offload works")
     )
 
 

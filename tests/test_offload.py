@@ -68,14 +68,20 @@ def test_placement_plan(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     c = PhimoeConfig.from_file(tmp_path)
     gib = 1 << 30
-    assert plan_placement(c, 2, gpu_memory=0)["device"] == "cpu"
+    big_ram = 256 * gib
+    assert plan_placement(c, 2, gpu_memory=0, host_ram=big_ram)["device"] == "cpu"
     assert plan_placement(c, 2, gpu_memory=100 * gib)["offload"] == "none"  # 78 GiB of weights fit
-    p = plan_placement(c, 2, gpu_memory=24 * gib)
+    p = plan_placement(c, 2, gpu_memory=24 * gib, host_ram=big_ram)
     assert (p["device"], p["offload"]) == ("cuda", "experts") and 2 <= p["experts_per_layer_on_gpu"] < 16
     assert plan_placement(c, 2, "nf4", gpu_memory=40 * gib)["offload"] == "none"  # nf4 fits 40 GiB
-    assert plan_placement(c, 2, gpu_memory=1 * gib)["device"] == "cpu"
+    assert plan_placement(c, 2, gpu_memory=1 * gib, host_ram=big_ram)["device"] == "cpu"
+    # what fits neither the GPU nor RAM stays memory-mapped from the files
+    p = plan_placement(c, 2, gpu_memory=24 * gib, host_ram=32 * gib)
+    assert (p["device"], p["offload"]) == ("cuda", "disk")
+    p = plan_placement(c, 2, gpu_memory=0, host_ram=32 * gib)
+    assert (p["device"], p["offload"]) == ("cpu", "disk")
     r = run_phimoe("info", tmp_path, "--plan", "--gpu-memory", "24GiB", "--json")
-    assert json.loads(r.stdout)["plan"]["offload"] == "experts"
+    assert json.loads(r.stdout)["plan"]["offload"] in ("experts", "disk")
 
 
 def test_generate_with_offload(model_dir):
@@ -87,3 +93,45 @@ def test_generate_with_offload(model_dir):
     assert b"expert cache: 2 per layer" in b.stderr and b"hit rate" in b.stderr
     r = run_phimoe("generate", "-m", model_dir, "--offload", "experts", "-q", "int8", "Hi")
     assert r.returncode == 2 and r.stderr.decode().startswith("error:")
+
+
+def test_disk_offload_keeps_experts_memory_mapped(model_dir):
+    ref = load_model(model_dir)
+    m = load_model(model_dir, offload="disk", gpu_memory=0)
+    x = ids(20, seed=3)
+    with torch.no_grad():
+        assert (m(x) - ref(x)).abs().max().item() < 1e-5
+    assert m.mapped_files  # the checkpoint files stay open: their pages are the expert weights
+    assert offload_stats(m)["memory_mapped"] is True
+    # a dtype the files are not in cannot be mapped: copies are made instead, still correct
+    bf16 = load_model(model_dir, dtype="bfloat16", offload="disk")
+    assert not bf16.mapped_files
+
+
+PEAK = """
+import re, sys, torch
+from phimoe_cli.model.loading import PhimoeForCausalLM, build_empty, load_config, load_model
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+cfg = load_config(sys.argv[1]); cfg.num_hidden_layers, cfg.vocab_size = 1, 8
+build_empty(PhimoeForCausalLM, cfg, torch.float32, torch.device("cpu"))
+base = status("VmRSS")
+m = load_model(sys.argv[1], offload=sys.argv[2], gpu_memory=0)
+print(status("VmHWM") - base)
+"""
+
+
+def test_disk_offload_does_not_read_the_experts_into_ram(tmp_path):
+    import subprocess
+    import sys
+
+    from checkpoints import make_config, write_checkpoint
+
+    cfg = make_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, num_local_experts=8, vocab_size=2048)
+    path = write_checkpoint(tmp_path, cfg, shards=2)
+    experts = 4 * 8 * 3 * 256 * 1024 * 4
+    growth = {mode: int(subprocess.run([sys.executable, "-c", PEAK, str(path), mode], capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("experts", "disk")}
+    assert growth["experts"] > 0.9 * experts  # RAM offload holds a copy of every expert
+    assert growth["disk"] < 0.2 * experts, growth  # disk offload reads none of them while loading

@@ -126,7 +126,7 @@ def _targets(model: torch.nn.Module, config: PhimoeConfig, saved_quantized: bool
                     targets[f"{prefix}.{e}.{w}.weight"] = (matrices.shape, partial(matrices.store, e))
         elif isinstance(module, OffloadedExperts):
             for w in ("w1", "w2", "w3"):
-                shape = tuple(module.host[w].shape[1:])
+                shape = module.shapes[w]
                 for e in range(module.num_experts):
                     targets[f"{prefix}.{e}.{w}.weight"] = (shape, partial(module.store, w, e))
         elif isinstance(module, QuantizedLinear):
@@ -251,13 +251,19 @@ def load_weights(
     targets = _targets(model, config, saved_quantized)
     seen: set[str] = set()
     total = sum((path / f).stat().st_size for f in files)
+    mapped = []  # files whose memory-mapped tensors the model keeps (offload "disk")
     with _progress(total, progress, "Loading weights") as advance:
         for file, listed in files.items():
             f = SafetensorsFile(path / file)
+            kept = False
             try:
-                _load_file(f, listed, targets, seen, advance, saved_quantized)
+                kept = _load_file(f, listed, targets, seen, advance, saved_quantized)
             finally:
-                f.close()
+                if kept:
+                    mapped.append(f)
+                else:
+                    f.close()
+    model.mapped_files = mapped
     missing = [n for n in targets if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -266,7 +272,9 @@ def load_weights(
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance, saved_quantized: bool) -> None:
+def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance, saved_quantized: bool) -> bool:
+    """Load one file's tensors; True when some are kept memory-mapped (the file must stay open)."""
+    kept = False
     if listed is not None:
         absent = sorted(set(listed) - set(f.entries))
         if absent:
@@ -287,11 +295,14 @@ def _load_file(f: SafetensorsFile, listed, targets, seen: set[str], advance, sav
             raise CheckpointError(f"{f.path}: tensor {name} has dtype {dtype}, expected floats")
         source = f.tensor(name)
         with torch.no_grad():
-            store(source)
+            keep = store(source) is True
         del source
-        f.release(name)
+        if not keep:
+            f.release(name)
+        kept |= keep
         seen.add(name)
         advance(math.prod(shape) * dtype.itemsize)
+    return kept
 
 
 def _first_line(exc: BaseException) -> str:
@@ -303,7 +314,8 @@ QUANT_FILE = "phimoe_quantization.json"
 
 
 def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
-                quantize: str = "none", quantize_attention: bool = False, offload_capacity: int | None = None):
+                quantize: str = "none", quantize_attention: bool = False, offload_capacity: int | None = None,
+                mapped: bool = False):
     """The model with uninitialised storage in ``dtype`` on ``device`` (nothing is computed).
     With ``quantize``, the experts (and with ``quantize_attention`` the attention projections)
     are quantized modules: the float weights are never allocated. With ``offload_capacity``, the
@@ -316,7 +328,7 @@ def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.dev
             c = config
             for layer in model.model.layers:
                 layer.block_sparse_moe.experts = OffloadedExperts(
-                    c.num_local_experts, c.hidden_size, c.intermediate_size, offload_capacity, dtype, device)
+                    c.num_local_experts, c.hidden_size, c.intermediate_size, offload_capacity, dtype, device, mapped)
     model = model.to_empty(device=device)
     # non-persistent buffers do not survive to_empty: rebuild the rotary tables (kept in float32)
     model.model.rotary_emb = LongRoPE(config).to(device)
@@ -367,7 +379,8 @@ def load_model(
     cuda. ``quantize``: none, int8, nf4 or fp4 experts, quantized tensor by tensor while loading.
     A checkpoint written by ``phimoe quantize`` loads as it was saved. ``offload="experts"`` keeps
     the experts in host memory and caches as many per layer on ``device`` as ``gpu_memory`` bytes
-    allow (at least top-k). ``device="auto"`` plans placement from free GPU memory. Raises CheckpointError
+    allow (at least top-k); ``offload="disk"`` does the same but leaves the experts memory-mapped
+    from the checkpoint files (read on demand; the OS page cache keeps what fits in RAM). ``device="auto"`` plans placement from free GPU memory. Raises CheckpointError
     (one line, naming the file or tensor) for a bad checkpoint and ValueError for bad options.
     """
     config = load_config(path)
@@ -388,16 +401,16 @@ def load_model(
             offload = plan["offload"]
     dev = resolve_device(device)
     capacity = None
-    if offload not in ("none", "experts"):
-        raise ValueError(f"unknown offload {offload!r}: choose none or experts")
-    if offload == "experts":
+    if offload not in ("none", "experts", "disk"):
+        raise ValueError(f"unknown offload {offload!r}: choose none, experts or disk")
+    if offload != "none":
         if quantize != "none":
-            raise ValueError("--offload experts works with unquantized experts (use one or the other)")
+            raise ValueError("--offload works with unquantized experts for now (use one or the other)")
         budget = gpu_memory
         if budget is None and dev.type == "cuda":
             budget = int(torch.cuda.mem_get_info(dev)[0] * 0.9)
         capacity = capacity_for_budget(config, budget or 0, torch_dtype.itemsize)
-    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity)
+    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity, offload == "disk")
     load_weights(model, path, config, progress, saved_quantized=saved is not None)
     model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}
     return model.eval().requires_grad_(False)

@@ -22,27 +22,36 @@ class OffloadedExperts(Experts):
     """``layers.Experts`` whose weights live in host memory, with a per-layer LRU device cache."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, mapped: bool = False):
         torch.nn.Module.__init__(self)
         self.num_experts = num_experts
         self.capacity = max(1, min(capacity, num_experts))
         self.device = torch.device(device)
-        pin = self.device.type == "cuda"
+        self.dtype = dtype
+        self.mapped = mapped  # keep the checkpoint's memory-mapped tensors instead of copies in RAM
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        shapes = {"w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
         # plain attributes, not buffers: .to() / to_empty() never move the host copy to the device
-        self.host = {
-            name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu", pin_memory=pin)
-            for name, shape in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn)))
-        }
-        self.slots = {
-            name: torch.empty(self.capacity, *t.shape[1:], dtype=dtype, device=self.device)
-            for name, t in self.host.items()
-        }
+        if mapped:
+            self.host = {name: [None] * num_experts for name in shapes}
+        else:
+            self.host = {name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu", pin_memory=pin)
+                         for name, shape in shapes.items()}
+        self.shapes = shapes
+        self.slots = {name: torch.empty(self.capacity, *shape, dtype=dtype, device=self.device)
+                      for name, shape in shapes.items()}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
         self.hits = self.misses = 0
 
-    def store(self, name: str, e: int, weight: torch.Tensor) -> None:
-        self.host[name][e].copy_(weight)
+    def store(self, name: str, e: int, weight: torch.Tensor) -> bool:
+        """Take expert ``e``'s matrix; True when the (memory-mapped) tensor itself is kept."""
         self.slot_of.pop(e, None)  # a cached copy would be stale
+        if self.mapped:
+            keep = weight.dtype == self.dtype and weight.device.type == "cpu"
+            self.host[name][e] = weight if keep else weight.to(device="cpu", dtype=self.dtype, copy=True)
+            return keep
+        self.host[name][e].copy_(weight)
+        return False
 
     def _slot(self, e: int) -> int:
         if e in self.slot_of:
@@ -72,7 +81,7 @@ def offload_stats(model) -> dict:
         return {}
     hits, misses = sum(m.hits for m in layers), sum(m.misses for m in layers)
     return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "capacity_per_layer": layers[0].capacity}
+            "capacity_per_layer": layers[0].capacity, "memory_mapped": layers[0].mapped}
 
 
 def expert_bytes(config, dtype_bytes: int) -> int:
@@ -87,9 +96,10 @@ def capacity_for_budget(config, budget_bytes: int, dtype_bytes: int) -> int:
 
 
 def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_memory: int | None = None,
-                   kv_tokens: int = 4096) -> dict:
+                   kv_tokens: int = 4096, host_ram: int | None = None) -> dict:
     """Where ``--device auto`` puts the model: on the GPU if it all fits; on the GPU with experts
-    offloaded to host memory if the rest fits; else on the CPU."""
+    offloaded to host memory if the rest fits; else on the CPU. Experts that do not fit host RAM
+    either stay memory-mapped from the checkpoint files (offload "disk")."""
     counts = parameter_counts(config)
     per_weight = {"int8": 1.0, "nf4": 0.5625, "fp4": 0.5625}.get(quantize, dtype_bytes)
     weights = counts["dense"] * dtype_bytes + counts["experts"] * per_weight
@@ -99,6 +109,7 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
         free = int(torch.cuda.mem_get_info()[0] * 0.9)
     plan = {"device": "cpu", "offload": "none", "experts_per_layer_on_gpu": None, "gpu_budget_bytes": free,
             "weights_bytes": int(weights), "kv_cache_bytes": kv}
+    ram = host_ram if host_ram is not None else _available_ram()
     if not free:
         plan["reason"] = "no CUDA GPU"
     elif weights + kv <= free:
@@ -109,4 +120,22 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
                     reason=f"attention, router and embeddings on the GPU; {cap} of {config.num_local_experts} experts per layer cached there")
     else:
         plan["reason"] = "not even the non-expert weights fit the GPU"
+    if quantize == "none" and ram is not None:
+        on_host = counts["experts"] * dtype_bytes + (0 if plan["device"] == "cuda" else counts["dense"] * dtype_bytes)
+        if plan["offload"] == "experts" and on_host > ram:
+            plan.update(offload="disk", reason=plan["reason"] + "; the experts do not fit RAM and stay memory-mapped")
+        elif plan["device"] == "cpu" and on_host > ram:
+            plan.update(offload="disk", experts_per_layer_on_gpu=None,
+                        reason=plan["reason"] + "; the model does not fit RAM: experts stay memory-mapped from the files")
     return plan
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
