@@ -6,11 +6,14 @@ to transformers) in eval mode, operation for operation, so that logits agree to 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import PhimoeConfig
+from .kernels import Compiled, linear, mv
 
 # torch >= 2.5 lets SDPA share K/V heads across query heads without copying them.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -65,9 +68,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose one-token products may use the compiled decode kernel (kernels.py)."""
+
+    fast = False  # set by PhimoeForCausalLM.use_decode_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.fast)
+
+
 # ------------------------------------------------------------------------------------ attention
 class Attention(nn.Module):
     """Grouped-query attention with q/k/v/o biases, LongRoPE, torch SDPA and a KV cache."""
+
+    fast = False  # one-token steps by the compiled decode kernels (set by use_decode_kernel)
 
     def __init__(self, config: PhimoeConfig, layer_idx: int):
         super().__init__()
@@ -76,32 +90,69 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache=None, start: int = 0):
         """x: [batch, seq, hidden]. ``mask``: None (causal, or everything for one query) or a
         boolean [batch, 1, seq, keys] where True means "may attend"."""
         b, s, _ = x.shape
+        if self.fast and b * s == 1 and mask is None and cache is not None and x.device.type == "cpu":
+            return self.one_token(x, cos, sin, cache, start)
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start)
-        is_causal = mask is None and s > 1
-        if self.num_kv_heads != self.num_heads:
-            if _SDPA_HAS_GQA:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-            else:  # torch < 2.5
-                rep = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = attend(q, k, v, mask, is_causal=mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def one_token(self, x, cos, sin, cache, start: int):
+        """Decoding one token (batch 1, no mask): compiled projections, float32 attention."""
+        q, k, v = _one_token_qkv(x, *self._weights(), cos, sin, self.num_heads, self.num_kv_heads)
+        k, v = cache.update(self.layer_idx, k, v, start)
+        return self.o_proj(one_query_attention(q, k, v).reshape(1, 1, -1))
+
+    def _weights(self):
+        return (self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
+                self.v_proj.weight, self.v_proj.bias)
+
+
+def _qkv(linear, x, wq, bq, wk, bk, wv, bv, cos, sin, num_heads: int, num_kv_heads: int):
+    """Attention.forward's projections and rotation, as one function to compile."""
+    b, s, _ = x.shape
+    q = linear(x, wq, bq).view(b, s, num_heads, -1).transpose(1, 2)
+    k = linear(x, wk, bk).view(b, s, num_kv_heads, -1).transpose(1, 2)
+    v = linear(x, wv, bv).view(b, s, num_kv_heads, -1).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q, k, v, mask=None, is_causal: bool = False):
+    """SDPA with K/V heads shared by groups of query heads."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]  # torch < 2.5
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def one_query_attention(q, k, v):
+    """Attention of one query [1, heads, 1, d] to keys/values [1, kv_heads, T, d] in float32 (as
+    SDPA computes internally): two small matmuls, several times faster than SDPA's CPU kernel
+    for a single query."""
+    _, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(1, kv_heads, heads // kv_heads, d)  # the query heads that share a K/V head
+    scores = torch.matmul(q, k.float().transpose(-1, -2)) * d**-0.5
+    return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)  # [1, kv_heads, group, d]
+
+
+_one_token_qkv = Compiled(functools.partial(_qkv, mv), functools.partial(_qkv, F.linear))
 
 
 # ------------------------------------------------------------------------------- mixture of experts
@@ -134,6 +185,8 @@ class Experts(nn.Module):
     """``num_local_experts`` SwiGLU feed-forward networks, stacked: w1 (gate) and w3 (up) are
     [experts, ffn, hidden], w2 (down) is [experts, hidden, ffn]."""
 
+    fast = False  # SparseMoE decodes one token by the compiled kernel (set by use_decode_kernel)
+
     def __init__(self, config: PhimoeConfig):
         super().__init__()
         e, h, f = config.num_local_experts, config.hidden_size, config.intermediate_size
@@ -148,6 +201,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, chosen: [tokens, top_k]. Tokens are grouped by expert so
         each expert's weights are read once per call."""
+        if x.shape[0] == 1:
+            return self.one_token(x, weights, chosen)
         top_k = chosen.shape[-1]
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -163,6 +218,15 @@ class Experts(nn.Module):
             y = self.expert(e, x[rows]) * flat_weights[start : start + n, None]
             out.index_add_(0, rows, y.to(out.dtype))
             start += n
+        return out
+
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Decoding: only the chosen experts' weights are read (views into the stacks, no gather
+        copy, no sort). Summed in expert order, as the grouped path does."""
+        out = None
+        for k, e in sorted(enumerate(chosen[0].tolist()), key=lambda ke: ke[1]):
+            y = (self.expert(e, x) * weights[:, k, None]).to(x.dtype)
+            out = y if out is None else out + y
         return out
 
 
@@ -182,8 +246,35 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.experts.fast and x.shape[0] == 1 and x.device.type == "cpu":
+            e = self.experts
+            return _one_token_moe(x, self.gate.weight, e.w1, e.w2, e.w3, self.jitter_eps, self.top_k).reshape(shape)
         weights, chosen = self.route(x)
         return self.experts(x, weights, chosen).reshape(shape)
+
+
+def _one_token_moe_math(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
+    """SparseMoE for one token [1, hidden], written for inductor: ``w1[chosen]`` becomes indirect
+    loads inside the reductions, so only the chosen experts' weights are read, and nothing is
+    copied. Rounds to the model's dtype where the eager path does."""
+    weights, chosen = sparsemixer(mv(x, gate), jitter_eps, top_k)
+    i = chosen[0]
+    h = (F.silu(mv(x, w1[i])) * mv(x, w3[i])).to(x.dtype)  # [top_k, ffn]
+    y = (mv(h, w2[i]) * weights[0, :, None]).to(x.dtype)  # [top_k, hidden]
+    return y.sum(0, keepdim=True)
+
+
+def _one_token_moe_eager(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
+    weights, chosen = sparsemixer(F.linear(x, gate), jitter_eps, top_k)
+    out = None
+    for k, e in sorted(enumerate(chosen[0].tolist()), key=lambda ke: ke[1]):
+        y = F.linear(F.silu(F.linear(x, w1[e])) * F.linear(x, w3[e]), w2[e])
+        y = (y * weights[:, k, None]).to(x.dtype)
+        out = y if out is None else out + y
+    return out
+
+
+_one_token_moe = Compiled(_one_token_moe_math, _one_token_moe_eager)
 
 
 # ---------------------------------------------------------------------------------- decoder layer

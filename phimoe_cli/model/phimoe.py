@@ -6,12 +6,14 @@ except that each layer's experts are stacked into three tensors (see ``layers.Ex
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .cache import KVCache
 from .config import PhimoeConfig
-from .layers import DecoderLayer, LongRoPE
+from .layers import Attention, DecoderLayer, Experts, Linear, LongRoPE
 
 
 class PhimoeModel(nn.Module):
@@ -102,7 +104,30 @@ class PhimoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhimoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.decode_kernel: bool | None = None  # None: decided on the first call
+
+    def use_decode_kernel(self, enabled: bool) -> None:
+        """Whether one-token steps on the CPU use the compiled matrix-vector kernel (kernels.py).
+        By default they do for models of 256 MiB or more (where bandwidth dominates and the
+        one-off compile, a few seconds, pays off); ``PHIMOE_DECODE_KERNEL=eager|compiled``
+        overrides."""
+        self.decode_kernel = enabled
+        for module in self.modules():
+            # only the plain layers: quantized or offloaded ones keep their own forward
+            if type(module) in (Linear, Experts):
+                module.fast = enabled
+            elif type(module) is Attention:
+                projections = (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
+                module.fast = enabled and all(type(p) is Linear for p in projections)
+
+    def _default_decode_kernel(self) -> bool:
+        choice = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
+        if choice in ("eager", "compiled"):
+            return choice == "compiled"
+        p = self.lm_head.weight
+        size = sum(t.numel() for t in self.parameters()) * p.element_size()
+        return p.device.type == "cpu" and size >= 256 << 20
 
     def forward(
         self,
@@ -113,6 +138,8 @@ class PhimoeForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (only the last ``logits_to_keep`` positions if > 0)."""
+        if self.decode_kernel is None:
+            self.use_decode_kernel(self._default_decode_kernel())
         s = input_ids.shape[1]
         hidden = self.model(input_ids, attention_mask, position_ids, cache)
         hidden = hidden[:, -s:]  # after a LongRoPE recompute the model returns the whole sequence

@@ -1,0 +1,56 @@
+"""`phimoe bench`: the command runs and its JSON has the documented schema (never timed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from phimoe_cli import bench
+
+RESULT_KEYS = {
+    "engine", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_memory_bytes", "roofline_pct",
+    "warmup_s", "decode_kernel", "prefill_s", "decode_s",
+}
+
+
+def test_bench_tiny_json_schema():
+    cmd = [sys.executable, "-m", "phimoe_cli.cli", "bench", "--shape", "tiny", "-p", "8", "-n", "4", "--json",
+           "--repeat", "1", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # one JSON object, nothing else on stdout
+    assert out["shape"] == "tiny" and out["dtype"] == "bfloat16" and out["device"] == "cpu"
+    assert (out["prompt_tokens"], out["gen_tokens"], out["repeat"], out["threads"]) == (8, 4, 1, 1)
+    assert out["config"]["num_hidden_layers"] == 2
+    for key in ("bandwidth_bytes_s", "active_bytes_per_token", "roofline_tok_s", "weight_bytes"):
+        assert out[key] > 0
+    [ours] = out["results"]
+    assert set(ours) == RESULT_KEYS and ours["engine"] == "phimoe"
+    assert ours["prefill_tok_s"] > 0 and ours["decode_tok_s"] > 0 and ours["peak_memory_bytes"] > 0
+    assert len(ours["prefill_s"]) == len(ours["decode_s"]) == 1
+    assert "ratios" not in out
+
+
+def test_bench_rejects_unknown_shape():
+    cmd = [sys.executable, "-m", "phimoe_cli.cli", "bench", "--shape", "huge", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown shape" in r.stderr and r.stdout == ""
+
+
+def test_active_bytes_counts_two_of_sixteen_experts():
+    cfg = bench.shape_config("phi-3.5-moe")
+    active = bench.active_bytes(cfg, bench.torch.bfloat16, context=0)
+    total = bench.weight_bytes(cfg, bench.torch.bfloat16)
+    assert 6.4e9 * 2 < active < 6.8e9 * 2  # 6.6B active parameters, 2 bytes each
+    assert 41e9 * 2 < total < 42.5e9 * 2
+
+
+def test_compare_transformers_runs_the_same_weights():
+    pytest.importorskip("transformers")
+    out = bench.run(shape="tiny", prompt_tokens=6, gen_tokens=2, dtype="float32", repeat=1, compare="transformers")
+    assert [r["engine"] for r in out["results"]] == ["phimoe", "transformers"]
+    assert out["max_abs_logit_diff"] < 1e-3  # the weight mapping is right
+    assert out["ratios"]["prefill"] > 0 and out["ratios"]["decode"] > 0
