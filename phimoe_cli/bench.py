@@ -81,7 +81,26 @@ def weight_bytes(config: PhimoeConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float) -> int:
+EXPERT_BYTES = {"int8": 1 + 4 / 6400, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}  # per weight, with scales
+
+
+def quantize_experts(model: PhimoeForCausalLM, quant_type: str) -> None:
+    """Replace every layer's experts by their quantized form, one layer at a time."""
+    from phimoe_cli.model.quant import QuantizedExperts
+
+    c = model.config
+    for layer in model.model.layers:
+        dense = layer.block_sparse_moe.experts
+        q = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type,
+                             dense.w1.dtype, dense.w1.device)
+        for name in ("w1", "w2", "w3"):
+            for e in range(c.num_local_experts):
+                getattr(q, name).store(e, getattr(dense, name)[e])
+        layer.block_sparse_moe.experts = q
+        del dense
+
+
+def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float, quantize: str = "none") -> int:
     """Bytes one decode step must read: every dense weight, top_k of the experts, one embedding
     row, and the KV cache of ``context`` tokens."""
     c, size = config, dtype.itemsize
@@ -92,9 +111,10 @@ def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float) -> in
     router = c.num_local_experts * h
     experts = c.num_experts_per_tok * 3 * h * f
     kv_cache = 2 * kv * context
-    per_layer = attention + norms + router + experts + kv_cache
+    per_layer = attention + norms + router + kv_cache
     head = c.vocab_size * h + c.vocab_size * c.lm_head_bias + 2 * h + h  # lm_head, final norm, embedding row
-    return int((c.num_hidden_layers * per_layer + head) * size)
+    expert_bytes = experts * EXPERT_BYTES.get(quantize, size)
+    return int((c.num_hidden_layers * per_layer + head) * size + c.num_hidden_layers * expert_bytes)
 
 
 # --------------------------------------------------------------------------------- measurements
@@ -285,7 +305,12 @@ def run(
     layers: int | None = None,
     compare: str | None = None,
     seed: int = 0,
+    quantize: str = "none",
 ) -> dict:
+    if quantize not in ("none", *EXPERT_BYTES):
+        raise ValueError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(EXPERT_BYTES)})")
+    if quantize != "none" and compare is not None:
+        raise ValueError("--compare runs on unquantized weights: use it without --quantize")
     if compare is not None and compare not in COMPARE:
         raise ValueError(f"--compare: unknown engine {compare!r} (choose {', '.join(COMPARE)})")
     if prompt_tokens < 1 or gen_tokens < 0 or repeat < 1:
@@ -312,6 +337,8 @@ def run(
 
     t = time.perf_counter()
     model = random_model(config, torch_dtype, dev, seed)
+    if quantize != "none":
+        quantize_experts(model, quantize)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
     results = [time_engine(ours, prompt, steps, repeat, dev)]
@@ -328,7 +355,7 @@ def run(
 
     bandwidth = max(bandwidth, read_bandwidth(dev))  # again, after: the best of both counts
     context = prompt_tokens + (gen_tokens - 1) / 2  # mean tokens attended over the decode steps
-    active = active_bytes(config, torch_dtype, context)
+    active = active_bytes(config, torch_dtype, context, quantize)
     roofline = bandwidth / active
     for r in results:
         r.roofline_pct = 100 * r.decode_tok_s / roofline
@@ -338,6 +365,7 @@ def run(
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size")},
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "quantize": quantize,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -414,7 +442,8 @@ def render(result: dict, console=None) -> None:
     c = result["config"]
     title = (
         f"{result['shape']} ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-        f"{c['num_local_experts']} experts top-{c['num_experts_per_tok']}), {result['dtype']}, "
+        f"{c['num_local_experts']} experts top-{c['num_experts_per_tok']}), {result['dtype']}"
+        f"{'' if result.get('quantize', 'none') == 'none' else ' with ' + result['quantize'] + ' experts'}, "
         f"{result['device']}, {result['threads']} threads, p={result['prompt_tokens']} "
         f"n={result['gen_tokens']}, best of {result['repeat']}"
     )

@@ -126,7 +126,7 @@ class PhimoeForCausalLM(nn.Module):
         if choice in ("eager", "compiled"):
             return choice == "compiled"
         p = self.lm_head.weight
-        size = sum(t.numel() for t in self.parameters()) * p.element_size()
+        size = sum(t.nbytes for t in (*self.parameters(), *self.buffers()))  # quantized weights are buffers
         return p.device.type == "cpu" and size >= 256 << 20
 
     def forward(
