@@ -31,6 +31,8 @@ import torch
 from phimoe_cli import __version__
 from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
+from phimoe_cli.model.offload import available_ram
+from phimoe_cli.model.quant import BYTES_PER_WEIGHT
 
 SHAPES: dict[str, dict] = {
     # the published Phi-3.5-MoE-instruct dimensions (42B parameters; use --layers to fit memory)
@@ -81,7 +83,7 @@ def weight_bytes(config: PhimoeConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-EXPERT_BYTES = {"int8": 1 + 4 / 6400, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}  # per weight, with scales
+EXPERT_BYTES = BYTES_PER_WEIGHT  # per quantized expert weight, scales included
 
 
 def quantize_experts(model: PhimoeForCausalLM, quant_type: str) -> None:
@@ -395,14 +397,7 @@ def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return available_ram()
 
 
 def _versions(compare: str | None) -> dict:

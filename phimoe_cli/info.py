@@ -3,14 +3,15 @@ KV-cache bytes per token, and whether it fits this machine."""
 
 from __future__ import annotations
 
-import os
 
 from phimoe_cli.model import PhimoeConfig
 from phimoe_cli.model.config import parameter_counts  # noqa: F401  (re-exported)
+from phimoe_cli.model.offload import available_ram
+from phimoe_cli.model.quant import BYTES_PER_WEIGHT as QUANT_BYTES
 
-# Bytes per expert weight for each storage choice (bitsandbytes layouts: int8 keeps one float32
-# scale per row; nf4/fp4 pack two weights a byte plus one float32 absmax per 64-weight block).
-BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}
+# Bytes per weight for each storage choice (bitsandbytes layouts: int8 keeps one float32 scale per
+# row; nf4/fp4 pack two weights a byte plus one float32 absmax per 64-weight block).
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, **QUANT_BYTES}
 
 
 def kv_bytes_per_token(c: PhimoeConfig, dtype_bytes: int = 2) -> int:
@@ -27,20 +28,6 @@ def memory_estimates(c: PhimoeConfig, compute_dtype_bytes: int = 2) -> dict[str,
     for name in ("int8", "nf4", "fp4"):
         out[name] = int(n["experts"] * BYTES_PER_WEIGHT[name] + n["dense"] * compute_dtype_bytes)
     return out
-
-
-def available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def gpu_memory() -> list[tuple[str, int, int]]:

@@ -9,6 +9,7 @@ norms and embeddings stay on the device. The code is device-agnostic: with host 
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import parameter_counts
 from .layers import Experts
+from .quant import BYTES_PER_WEIGHT
 
 
 class OffloadedExperts(Experts):
@@ -101,7 +103,7 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
     offloaded to host memory if the rest fits; else on the CPU. Experts that do not fit host RAM
     either stay memory-mapped from the checkpoint files (offload "disk")."""
     counts = parameter_counts(config)
-    per_weight = {"int8": 1.0, "nf4": 0.5625, "fp4": 0.5625}.get(quantize, dtype_bytes)
+    per_weight = BYTES_PER_WEIGHT.get(quantize, dtype_bytes)
     weights = counts["dense"] * dtype_bytes + counts["experts"] * per_weight
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes * kv_tokens
     free = gpu_memory
@@ -109,7 +111,7 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
         free = int(torch.cuda.mem_get_info()[0] * 0.9)
     plan = {"device": "cpu", "offload": "none", "experts_per_layer_on_gpu": None, "gpu_budget_bytes": free,
             "weights_bytes": int(weights), "kv_cache_bytes": kv}
-    ram = host_ram if host_ram is not None else _available_ram()
+    ram = host_ram if host_ram is not None else available_ram()
     if not free:
         plan["reason"] = "no CUDA GPU"
     elif weights + kv <= free:
@@ -130,7 +132,8 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
     return plan
 
 
-def _available_ram() -> int | None:
+def available_ram() -> int | None:
+    """Bytes of RAM available to a new allocation (MemAvailable), or None if unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -138,4 +141,7 @@ def _available_ram() -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -23,6 +23,8 @@ from .layers import Experts
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 BLOCKSIZE = 64
+#: Stored bytes per weight, scales included (int8's one float32 per row is ~0.1% and left out).
+BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5 + 4 / BLOCKSIZE, "fp4": 0.5 + 4 / BLOCKSIZE}
 
 
 def _bnb():
