@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
@@ -373,7 +372,7 @@ class ChatSession:
             self.conv.add_user(text)
         try:
             prompt = self.fit()
-        except ContextOverflow as exc:
+        except ContextOverflow:
             if text is not None:
                 self.conv.truncate(n_before)
             raise
