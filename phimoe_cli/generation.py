@@ -30,7 +30,7 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         checks = [
-            ("temperature", self.temperature, lambda v: v >= 0, ">= 0"),
+            ("temperature", self.temperature, lambda v: v == 0 or 1e-4 <= v <= 1e4, "0 (greedy) or in [0.0001, 10000]"),
             ("top_k", self.top_k, lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
             ("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
             ("min_p", self.min_p, lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -39,8 +39,8 @@ class SamplingParams:
         for name, value, ok, want in checks:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
                 raise GenerationError(f"{name} must be {want}, got {value!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise GenerationError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise GenerationError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         return self
 
     def to_dict(self) -> dict:

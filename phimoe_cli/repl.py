@@ -537,7 +537,11 @@ class ChatSession:
             extra = f" (did you mean {close[0]}?)" if close else ""
             self.hint(f"unknown command {name}{extra}: /help lists the commands; start a line with // to send one beginning with /")
             return True
-        return handler(arg) is not False
+        try:
+            return handler(arg) is not False
+        except (OSError, RuntimeError, ValueError) as exc:  # e.g. /save to a bad path: hint, go on
+            self.hint(f"{name}: {' '.join(str(exc).split()) or type(exc).__name__}")
+            return True
 
     def cmd_exit(self, arg: str):
         return False
@@ -691,6 +695,8 @@ class ChatSession:
             self.hint(str(exc))
         except GenerationError as exc:
             self.hint(" ".join(str(exc).split()))
+        except (RuntimeError, ValueError) as exc:  # never lose the session (and the loaded model)
+            self.hint(f"the reply failed: {' '.join(str(exc).split()) or type(exc).__name__}")
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -837,7 +843,7 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
     except GenerationError as exc:
         raise UserError(str(exc)) from None
 
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     text = None if interactive else read_prompt(None)  # piped: one message, read before loading
 
     history_path = None

@@ -43,6 +43,11 @@ def _is_option_error(exc: ValueError) -> bool:
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
     """PROMPT as given; ``-`` or nothing with stdin piped: stdin; both: PROMPT, a blank line, stdin."""
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in argv arrive as lone surrogates
+            raise UserError("the prompt argument is not valid UTF-8") from None
     stdin = stdin if stdin is not None else sys.stdin
     piped = stdin is not None and not stdin.isatty()
     if prompt == "-":

@@ -118,16 +118,19 @@ class _JsonBackend:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception subclasses
             raise TokenizerError(f"cannot load {path}: {_one_line(exc)}") from None
         self.base_size = self.full.get_vocab_size(with_added_tokens=False)
-        self.added = [
-            AddedToken(
-                id=int(t["id"]),
-                content=str(t["content"]),
-                special=bool(t.get("special", False)),
-                lstrip=bool(t.get("lstrip", False)),
-                rstrip=bool(t.get("rstrip", False)),
-            )
-            for t in spec.get("added_tokens") or []
-        ]
+        try:
+            self.added = [
+                AddedToken(
+                    id=int(t["id"]),
+                    content=str(t["content"]),
+                    special=bool(t.get("special", False)),
+                    lstrip=bool(t.get("lstrip", False)),
+                    rstrip=bool(t.get("rstrip", False)),
+                )
+                for t in spec.get("added_tokens") or []
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise TokenizerError(f"cannot load {path}: an added token is malformed ({_one_line(exc)})") from None
         # BOS / EOS that the post-processor adds around a plain input.
         bare = self.full.encode("a", add_special_tokens=False).ids
         framed = self.full.encode("a", add_special_tokens=True).ids

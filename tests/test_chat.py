@@ -328,6 +328,11 @@ def test_slash_commands(model_dir, tmp_path):
     chat.command(f"/load {tmp_path / 'missing.json'}", r"cannot read .*missing\.json")
     chat.command(f"/load {bad}", r"bad\.json is not a phimoe chat transcript")
     chat.command(f"/load {saved}", r"line one", r"loaded .*saved\.json: 2 turns, 5 messages")
+    chat.command(f"/save {tmp_path / ('x' * 300)}.json", r"/save: .*name too long")  # a hint; the chat goes on
+    chat.command("/save ~nosuchuser-phimoe/x.json", r"/save: ")
+    chat.command("/load ~nosuchuser-phimoe/x.json", r"/load: |cannot read")
+    chat.command("/set seed 99999999999999999999999", r"bad value for seed")
+    chat.command("/set temperature 1e-45", r"bad value for temperature")
     chat.command("//not a command", STATS)  # // sends a line that starts with /
     chat.child.send("/he\t")  # Tab completes a command
     chat.expect("/help")

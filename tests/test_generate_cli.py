@@ -152,6 +152,15 @@ def test_bad_input_exit_codes(model_dir, args, input, code, needle):
     assert len(lines) == 1 and lines[0].startswith("error:")
 
 
+def test_prompt_argument_with_invalid_bytes(model_dir):
+    import subprocess
+
+    r = subprocess.run([*PHIMOE, "generate", "-m", str(model_dir), b"caf\xe9"], capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    lines = one_error_line(r, 2)
+    assert len(lines) == 1 and "UTF-8" in lines[0]
+
+
 def test_missing_model_path_and_bad_checkpoint(tmp_path, model_dir):
     r = run_phimoe("generate", "-m", tmp_path / "absent", "hi")
     assert one_error_line(r, 2)[0].startswith("error:")

@@ -72,8 +72,9 @@ def test_seeded_sampler_is_reproducible():
     assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]
 
 
-@pytest.mark.parametrize("name, value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
-                                         ("min_p", 1.0), ("top_k", -1), ("repetition_penalty", 0.0)])
+@pytest.mark.parametrize("name, value", [("temperature", -0.1), ("temperature", 1e-45), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("min_p", 1.0), ("top_k", -1), ("repetition_penalty", 0.0),
+                                         ("seed", 2**70), ("seed", -1)])
 def test_bad_sampling_values(name, value):
     with pytest.raises(GenerationError, match=name):
         SamplingParams(**{name: value}).validate()

@@ -241,6 +241,21 @@ def test_decoding_across_the_longrope_boundary_equals_full_forward(ckpt, ours):
         assert (ours(x)[0, -1] - step).abs().max().item() < ATOL
 
 
+def test_rewinding_below_the_longrope_boundary_recomputes(ours):
+    """After the cache switched to the long factors, rewinding (chat /retry, /undo) to a sequence
+    that fits the original context must give the logits of a fresh pass, which uses the short ones."""
+    x = ids(70, seed=16)  # crosses original_max_position_embeddings = 64
+    cache = ours.new_cache()
+    with torch.no_grad():
+        ours(x, cache=cache)
+        assert cache.long_rope
+        cache.truncate(40)
+        step = ours(x[:, 40:50], cache=cache)
+        fresh = ours(x[:, :50])[:, 40:]
+    assert not cache.long_rope
+    assert (step - fresh).abs().max().item() < ATOL
+
+
 def test_truncate_then_continue(ours):
     """Rewinding the cache (chat /undo, /retry) gives the logits of the shorter sequence."""
     x, y = ids(30, seed=8), ids(10, seed=9)

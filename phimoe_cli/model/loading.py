@@ -355,7 +355,8 @@ def read_quantization(path: str | Path) -> dict | None:
         return None
     try:
         info = json.loads(file.read_text(encoding="utf-8"))
-        if info.get("format") != 1 or info.get("quantize") not in QUANT_TYPES:
+        if (info.get("format") != 1 or info.get("quantize") not in QUANT_TYPES
+                or not isinstance(info.get("quantize_attention"), bool) or info.get("dtype") not in DTYPES):
             raise ValueError
         return info
     except (ValueError, AttributeError, UnicodeDecodeError):

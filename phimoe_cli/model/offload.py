@@ -31,14 +31,16 @@ class OffloadedExperts(Experts):
         self.device = torch.device(device)
         self.dtype = dtype
         self.mapped = mapped  # keep the checkpoint's memory-mapped tensors instead of copies in RAM
-        pin = self.device.type == "cuda" and torch.cuda.is_available()
         shapes = {"w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
         # plain attributes, not buffers: .to() / to_empty() never move the host copy to the device
         if mapped:
             self.host = {name: [None] * num_experts for name in shapes}
         else:
-            self.host = {name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu", pin_memory=pin)
+            self.host = {name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu")
                          for name, shape in shapes.items()}
+            if self.device.type == "cuda":
+                for t in self.host.values():
+                    _pin_in_place(t)
         self.shapes = shapes
         self.slots = {name: torch.empty(self.capacity, *shape, dtype=dtype, device=self.device)
                       for name, shape in shapes.items()}
@@ -74,6 +76,16 @@ class OffloadedExperts(Experts):
         s = self._slot(e)
         w1, w2, w3 = self.slots["w1"][s], self.slots["w2"][s], self.slots["w3"][s]
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def _pin_in_place(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory where it is, so host-to-device copies are asynchronous. (torch's
+    pinned allocator rounds each block up to a power of two: 800 MiB of experts would lock 1 GiB.)
+    Without it copies are synchronous, which is slower but still correct."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0)) == 0
+    except Exception:
+        return False
 
 
 def offload_stats(model) -> dict:

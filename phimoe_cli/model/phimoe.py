@@ -51,10 +51,11 @@ class PhimoeModel(nn.Module):
         long = self.rotary_emb.is_long(seq_len)
 
         if cache is not None:
-            if start and long and not cache.long_rope:
-                # The cached keys were rotated with the short factors; from now on every position
-                # uses the long ones, so the whole sequence is computed again, once (as the
-                # reference does when generation crosses the boundary).
+            if start and long != cache.long_rope:
+                # The cached keys were rotated with the other factor set: growing past the
+                # boundary (short -> long, as the reference does once during generation), or a
+                # rewind back below it (long -> short, e.g. chat /retry). A fresh pass over the
+                # whole sequence uses one set for every position, so compute it again, once.
                 old_valid = cache.valid[:, :start] if (cache.padded or valid is not None) else None
                 if old_valid is not None and valid is None:
                     valid = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
