@@ -223,11 +223,17 @@ class Experts(nn.Module):
     def one_token(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Decoding: only the chosen experts' weights are read (views into the stacks, no gather
         copy, no sort). Summed in expert order, as the grouped path does."""
-        out = None
-        for k, e in sorted(enumerate(chosen[0].tolist()), key=lambda ke: ke[1]):
-            y = (self.expert(e, x) * weights[:, k, None]).to(x.dtype)
-            out = y if out is None else out + y
-        return out
+        return combine_chosen(self.expert, x, weights, chosen)
+
+
+def combine_chosen(expert, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """One token [1, hidden]: ``expert(e, x)`` for each chosen expert, weighted, rounded to x's dtype
+    and summed in expert order (the order in which the grouped path adds them)."""
+    out = None
+    for k, e in sorted(enumerate(chosen[0].tolist()), key=lambda ke: ke[1]):
+        y = (expert(e, x) * weights[:, k, None]).to(x.dtype)
+        out = y if out is None else out + y
+    return out
 
 
 class SparseMoE(nn.Module):
@@ -266,12 +272,11 @@ def _one_token_moe_math(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> t
 
 def _one_token_moe_eager(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
     weights, chosen = sparsemixer(F.linear(x, gate), jitter_eps, top_k)
-    out = None
-    for k, e in sorted(enumerate(chosen[0].tolist()), key=lambda ke: ke[1]):
-        y = F.linear(F.silu(F.linear(x, w1[e])) * F.linear(x, w3[e]), w2[e])
-        y = (y * weights[:, k, None]).to(x.dtype)
-        out = y if out is None else out + y
-    return out
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e]), w2[e])
+
+    return combine_chosen(expert, x, weights, chosen)
 
 
 _one_token_moe = Compiled(_one_token_moe_math, _one_token_moe_eager)
