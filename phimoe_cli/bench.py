@@ -238,11 +238,11 @@ def time_engine(engine, prompt: torch.Tensor, steps: torch.Tensor, repeat: int, 
             _sync(device)
             t0 = time.perf_counter()
             logits = engine.prefill(prompt)
-            int(logits[0, -1].argmax())
+            int(logits[0, -1].float().argmax())
             t1 = time.perf_counter()
             for i in range(steps.shape[1]):
                 logits = engine.step(steps[:, i : i + 1])
-                int(logits[0, -1].argmax())  # what generate does: the next token is read back
+                int(logits[0, -1].float().argmax())  # what generate does: the next token is read back
             t2 = time.perf_counter()
             if r:  # run 0 is the warm-up (and compiles the decode kernels where they are used)
                 prefill_s.append(t1 - t0)

@@ -45,8 +45,7 @@ def test_compiled_decode_matches_eager_and_full_forward(ckpt):
     with torch.inference_mode():
         full = eager(x)
     assert kernels.matvec.compiled not in (None, False)  # the compiled kernels really ran
-    assert layers._one_token_moe.compiled not in (None, False)
-    assert layers._one_token_qkv.compiled not in (None, False)
+    assert layers._one_token_layer.compiled not in (None, False)
     assert (a - b).abs().max().item() < ATOL
     assert (a - full).abs().max().item() < ATOL
 
@@ -61,6 +60,32 @@ def test_compiled_decode_across_the_longrope_boundary(ckpt):
         full = eager(x)  # every position with the long factors, as the last steps see them
     assert (a - b).abs().max().item() < ATOL
     assert (a[:, -1] - full[:, -1]).abs().max().item() < ATOL
+
+
+def test_compiled_decode_long_context_variant(ckpt, monkeypatch):
+    """Past LONG_CONTEXT cached tokens the layer step switches to its matmul attention."""
+    monkeypatch.setattr(layers, "LONG_CONTEXT", 24)
+    fast, eager = load_model(ckpt), load_model(ckpt)
+    fast.use_decode_kernel(True)
+    eager.use_decode_kernel(False)
+    x = ids(40, seed=3)
+    a, b = decode(fast, x, 16), decode(eager, x, 16)  # steps on both sides of the switch
+    assert layers._one_token_layer_long.compiled not in (None, False)
+    assert (a - b).abs().max().item() < ATOL
+
+
+def test_partly_quantized_layers_use_the_per_part_kernels(ckpt):
+    """With quantized experts the layer cannot run as one call: attention alone is compiled."""
+    fast = load_model(ckpt, quantize="int8")
+    eager = load_model(ckpt, quantize="int8")
+    fast.use_decode_kernel(True)
+    eager.use_decode_kernel(False)
+    assert not any(layer.fast for layer in fast.model.layers)
+    assert all(layer.self_attn.fast for layer in fast.model.layers)
+    x = ids(30, seed=4)
+    a, b = decode(fast, x, 20), decode(eager, x, 20)
+    assert layers._one_token_qkv.compiled not in (None, False)
+    assert (a - b).abs().max().item() < ATOL
 
 
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch):

@@ -80,6 +80,11 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def window(self, layer: int, end: int):
+        """Views of ``layer``'s keys and values for positions ``0 .. end`` (the caller writes the
+        last ones)."""
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens."""
         self.length = max(0, min(self.length, length))

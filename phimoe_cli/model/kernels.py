@@ -32,14 +32,16 @@ def mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) 
 
 
 class Compiled:
-    """``fn`` compiled by inductor (dynamic shapes) on first call; ``eager`` if that fails."""
+    """``fn`` compiled by inductor on first call; ``eager`` if that fails. ``dynamic=True``: every
+    size may vary; ``False``: sizes are constants except those the caller marks
+    (``torch._dynamo.maybe_mark_dynamic``), which gives inductor simpler, vectorisable indexing."""
 
-    def __init__(self, fn, eager):
-        self.fn, self.eager, self.compiled = fn, eager, None
+    def __init__(self, fn, eager, dynamic: bool = True):
+        self.fn, self.eager, self.dynamic, self.compiled = fn, eager, dynamic, None
 
     def __call__(self, *args):
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
+            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
         if self.compiled is not False:
             try:
                 return self.compiled(*args)

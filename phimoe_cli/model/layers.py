@@ -152,6 +152,17 @@ def one_query_attention(q, k, v):
     return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)  # [1, kv_heads, group, d]
 
 
+def one_query_attention_math(q, k, v):
+    """one_query_attention written as reductions for inductor (its pattern matcher would turn the
+    two matmuls into a flash-attention call that costs more than the arithmetic here)."""
+    _, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(1, kv_heads, heads // kv_heads, 1, d)
+    scores = (q * k.float().unsqueeze(2)).sum(-1) * d**-0.5  # [1, kv_heads, group, T]
+    out = (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)
+    return out.to(v.dtype)
+
+
 _one_token_qkv = Compiled(functools.partial(_qkv, mv), functools.partial(_qkv, F.linear))
 
 
@@ -284,13 +295,60 @@ _one_token_moe = Compiled(_one_token_moe_math, _one_token_moe_eager)
 
 # ---------------------------------------------------------------------------------- decoder layer
 class DecoderLayer(nn.Module):
+    fast = False  # one-token steps as one compiled call (set by use_decode_kernel)
+
     def __init__(self, config: PhimoeConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.block_sparse_moe = SparseMoE(config)
 
     def forward(self, x, cos, sin, mask, cache=None, start: int = 0):
+        one = x.shape[0] * x.shape[1] == 1 and mask is None and cache is not None and start > 0
+        if self.fast and one and x.device.type == "cpu":
+            return self.one_token(x, cos, sin, cache, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+    def one_token(self, x, cos, sin, cache, start: int):
+        """Decoding one token (batch 1, no mask, on the CPU) as a single compiled call: the
+        per-call cost of many small kernels, not the arithmetic, is what it saves."""
+        k_cache, v_cache = cache.window(self.layer_idx, start + 1)
+        for t in (k_cache, v_cache):  # one compiled graph for every cache length
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        a, moe = self.self_attn, self.block_sparse_moe
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        step = _one_token_layer if start < LONG_CONTEXT else _one_token_layer_long
+        return step(
+            x, ln1.weight, ln1.bias, *a._weights(), a.o_proj.weight, a.o_proj.bias, k_cache, v_cache,
+            cos, sin, ln2.weight, ln2.bias, moe.gate.weight, moe.experts.w1, moe.experts.w2,
+            moe.experts.w3, ln1.eps, moe.jitter_eps, moe.top_k, a.num_heads, a.num_kv_heads,
+        )
+
+
+def _layer_step(linear, attention, moe, x, ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, k_cache, v_cache, cos, sin,
+                ln2_w, ln2_b, gate, w1, w2, w3, eps: float, jitter_eps: float, top_k: int,
+                num_heads: int, num_kv_heads: int):
+    """DecoderLayer.forward for one token x [1, 1, hidden]. ``k_cache``/``v_cache`` are
+    [1, kv_heads, T, head_dim] views of the cache whose last row is this token's: written here."""
+    h = F.layer_norm(x, x.shape[-1:], ln1_w, ln1_b, eps)
+    q, k, v = _qkv(linear, h, wq, bq, wk, bk, wv, bv, cos, sin, num_heads, num_kv_heads)
+    k_cache[:, :, -1:] = k
+    v_cache[:, :, -1:] = v
+    x = x + linear(attention(q, k_cache, v_cache).reshape(1, 1, -1), wo, bo)
+    h = F.layer_norm(x, x.shape[-1:], ln2_w, ln2_b, eps).view(1, -1)
+    return x + moe(h, gate, w1, w2, w3, jitter_eps, top_k).view_as(x)
+
+
+_eager_layer_step = functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)
+# Attention as inductor reductions wins for short contexts; from ~600 cached tokens the matmul
+# form (which inductor turns into its flash-attention kernel) reads the cache faster.
+_one_token_layer = Compiled(
+    functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math), _eager_layer_step, dynamic=False
+)
+_one_token_layer_long = Compiled(
+    functools.partial(_layer_step, mv, one_query_attention, _one_token_moe_math), _eager_layer_step, dynamic=False
+)
+LONG_CONTEXT = 640

@@ -121,6 +121,9 @@ class PhimoeForCausalLM(nn.Module):
             elif type(module) is Attention:
                 projections = (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
                 module.fast = enabled and all(type(p) is Linear for p in projections)
+        for layer in self.model.layers:
+            moe = layer.block_sparse_moe
+            layer.fast = layer.self_attn.fast and moe.experts.fast and type(moe.gate) is nn.Linear
 
     def _default_decode_kernel(self) -> bool:
         choice = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
