@@ -102,3 +102,71 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
     assert k.compiled is False
     assert torch.allclose(y, torch.nn.functional.linear(x, w, b))
     assert torch.allclose(k(x, w, b), y)  # and stays eager, silently
+
+
+# ------------------------------------------------------------------ prefill compute dtype
+AVX2_FLAGS = {"fpu", "sse2", "avx", "avx2", "fma"}
+ZEN4_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
+SKYLAKE_X_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl"}
+SAPPHIRE_FLAGS = SKYLAKE_X_FLAGS | {"amx_bf16", "amx_tile", "avx512_fp16"}
+
+
+@pytest.mark.parametrize(
+    "flags, capability, dtype, native",
+    [
+        (AVX2_FLAGS, "AVX2", torch.bfloat16, False),  # the 2-core AVX2 laptop: widen to float32
+        (ZEN4_FLAGS, "AVX512", torch.bfloat16, True),
+        (ZEN4_FLAGS, "AVX2", torch.bfloat16, False),  # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
+        (SKYLAKE_X_FLAGS, "AVX512", torch.bfloat16, False),  # AVX-512 without the BF16 dot product
+        (SAPPHIRE_FLAGS, "AVX512", torch.bfloat16, True),
+        (SAPPHIRE_FLAGS, "AVX512", torch.float16, True),
+        (ZEN4_FLAGS, "AVX512", torch.float16, False),
+        ({"fp", "asimd", "bf16"}, "SVE256", torch.bfloat16, True),  # Graviton 3
+        ({"fp", "asimd"}, "DEFAULT", torch.bfloat16, False),
+        (AVX2_FLAGS, "AVX2", torch.float32, True),
+    ],
+)
+def test_prefill_dtype_follows_the_cpu(flags, capability, dtype, native):
+    assert kernels.native_low_precision(set(flags), capability, dtype) is native
+
+
+def test_prefill_dtype_override(monkeypatch):
+    monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
+    assert kernels.prefill_dtype(torch.bfloat16) == torch.float32
+    assert kernels.prefill_dtype(torch.float32) == torch.float32
+    monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
+    assert kernels.prefill_dtype(torch.bfloat16) == torch.bfloat16
+    assert kernels.prefill_dtype(torch.bfloat16, "meta") == torch.bfloat16  # only the CPU widens
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_upcast_linear_is_the_float32_product_rounded_once(bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 48, generator=g).bfloat16()
+    w = torch.randn(100, 48, generator=g).bfloat16()
+    b = torch.randn(100, generator=g).bfloat16() if bias else None
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # blocks of 8 rows: 13 blocks, the last one partial
+    y = kernels.upcast_linear(x, w, b, block_bytes=8 * 48 * 4)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 100)
+    # exact up to float32 summation order, then one bfloat16 rounding
+    assert torch.equal(y, ref.float().bfloat16()) or (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.abs().max()
+    assert torch.equal(y, kernels.upcast_linear(x, w, b))  # the block size does not change the result
+
+
+def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
+    """A bfloat16 model prefilled in float32 agrees with the float32 model as well as the
+    bfloat16 prefill does (what differs is only where the products are rounded)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 32000, (1, 24), generator=g)
+    ref_model = load_model(ckpt)
+    bf16 = load_model(ckpt, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = ref_model(x).float()
+        monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
+        native = bf16(x).float()
+        monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
+        widened = bf16(x).float()
+    scale = ref.abs().max()
+    assert (native - widened).abs().max() > 0  # the widened path really ran
+    assert (widened - ref).abs().max() <= max(0.05 * scale, 1.5 * (native - ref).abs().max())

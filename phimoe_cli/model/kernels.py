@@ -15,6 +15,8 @@ when enabled on the model (``PhimoeForCausalLM.use_decode_kernel``); if compilin
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import torch
@@ -55,7 +57,84 @@ matvec = Compiled(mv, F.linear)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = False):
-    """``F.linear``; with ``fast``, one row on the CPU goes through the compiled ``matvec``."""
+    """``F.linear``; with ``fast``, one row on the CPU goes through the compiled ``matvec``; many
+    rows go through ``prefill_linear``."""
     if fast and x.numel() == x.shape[-1] and x.device.type == "cpu":
         return matvec(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return prefill_linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------ prefill: the compute dtype
+# Prefill multiplies many rows by each weight, so it is bound by arithmetic, not by reading
+# weights. CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX, Arm's BF16) multiply
+# bfloat16 several times faster than float32; on the others (AVX2, plain AVX-512) PyTorch's
+# bfloat16 GEMM converts as it goes and runs at half the float32 speed or worse. There, weights
+# are widened to float32 a block at a time (the block stays in cache) and multiplied by the
+# float32 GEMM: the same products, summed in float32 and rounded once, as the bfloat16 GEMM does.
+
+UPCAST_BLOCK_BYTES = 4 << 20  # float32 bytes of weight widened at a time
+
+
+def native_low_precision(flags: set[str], capability: str, dtype: torch.dtype) -> bool:
+    """Whether a CPU with these /proc/cpuinfo ``flags`` (x86 "flags" or Arm "Features") and this
+    PyTorch kernel ``capability`` (``torch.backends.cpu.get_cpu_capability()``, which honours
+    ``ATEN_CPU_CAPABILITY``) multiplies ``dtype`` natively."""
+    if dtype == torch.bfloat16:
+        x86, arm = {"avx512_bf16", "amx_bf16"}, {"bf16"}
+    elif dtype == torch.float16:
+        x86, arm = {"avx512_fp16", "amx_fp16"}, {"fphp", "asimdhp"}
+    else:
+        return True
+    if capability.upper().startswith("AVX"):
+        return capability.upper().startswith("AVX512") and bool(flags & x86)
+    return bool(flags & arm) or not flags  # Arm (or unknown): trust PyTorch's kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def prefill_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype in which prefill multiplies weights of ``dtype``. ``PHIMOE_PREFILL_DTYPE``
+    (``auto``, ``float32`` or ``native``) overrides the choice for the CPU."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    choice = os.environ.get("PHIMOE_PREFILL_DTYPE", "auto")
+    if choice in ("float32", "native"):
+        return torch.float32 if choice == "float32" else dtype
+    native = native_low_precision(set(_cpu_flags()), torch.backends.cpu.get_cpu_capability(), dtype)
+    return dtype if native else torch.float32
+
+
+def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` computed in ``prefill_dtype``; the result has x's dtype."""
+    if x.numel() == x.shape[-1] or prefill_dtype(weight.dtype, weight.device) == weight.dtype:
+        return F.linear(x, weight, bias)
+    return upcast_linear(x, weight, bias)
+
+
+def upcast_linear(x, weight, bias=None, block_bytes: int = UPCAST_BLOCK_BYTES) -> torch.Tensor:
+    """``F.linear`` with ``weight`` widened to float32 a block of rows at a time."""
+    n, k = weight.shape
+    rows = max(1, min(n, block_bytes // (4 * k)))
+    xf = x.reshape(-1, k).float()
+    out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
+    block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    for start in range(0, n, rows):
+        w = block[: min(rows, n - start)]
+        w.copy_(weight[start : start + rows])
+        end = start + w.shape[0]
+        if bias is None:
+            out[:, start:end] = xf @ w.t()
+        else:
+            out[:, start:end] = torch.addmm(bias[start:end].float(), xf, w.t())
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PhimoeConfig
-from .kernels import Compiled, linear, mv
+from .kernels import Compiled, linear, mv, prefill_linear
 
 # torch >= 2.5 lets SDPA share K/V heads across query heads without copying them.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -207,7 +207,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, f))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+        return prefill_linear(F.silu(prefill_linear(x, self.w1[e])) * prefill_linear(x, self.w3[e]), self.w2[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, chosen: [tokens, top_k]. Tokens are grouped by expert so
