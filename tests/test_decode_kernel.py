@@ -62,18 +62,6 @@ def test_compiled_decode_across_the_longrope_boundary(ckpt):
     assert (a[:, -1] - full[:, -1]).abs().max().item() < ATOL
 
 
-def test_compiled_decode_long_context_variant(ckpt, monkeypatch):
-    """Past LONG_CONTEXT cached tokens the layer step switches to its matmul attention."""
-    monkeypatch.setattr(layers, "LONG_CONTEXT", 24)
-    fast, eager = load_model(ckpt), load_model(ckpt)
-    fast.use_decode_kernel(True)
-    eager.use_decode_kernel(False)
-    x = ids(40, seed=3)
-    a, b = decode(fast, x, 16), decode(eager, x, 16)  # steps on both sides of the switch
-    assert layers._one_token_layer_long.compiled not in (None, False)
-    assert (a - b).abs().max().item() < ATOL
-
-
 def test_partly_quantized_layers_use_the_per_part_kernels(ckpt):
     """With quantized experts the layer cannot run as one call: attention alone is compiled."""
     fast = load_model(ckpt, quantize="int8")

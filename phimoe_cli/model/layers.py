@@ -153,8 +153,7 @@ def one_query_attention(q, k, v):
 
 
 def one_query_attention_math(q, k, v):
-    """one_query_attention written as reductions for inductor (its pattern matcher would turn the
-    two matmuls into a flash-attention call that costs more than the arithmetic here)."""
+    """one_query_attention written as reductions, for inductor."""
     _, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.float().view(1, kv_heads, heads // kv_heads, 1, d)
@@ -320,8 +319,7 @@ class DecoderLayer(nn.Module):
             torch._dynamo.maybe_mark_dynamic(t, 2)
         a, moe = self.self_attn, self.block_sparse_moe
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        step = _one_token_layer if start < LONG_CONTEXT else _one_token_layer_long
-        return step(
+        return _one_token_layer(
             x, ln1.weight, ln1.bias, *a._weights(), a.o_proj.weight, a.o_proj.bias, k_cache, v_cache,
             cos, sin, ln2.weight, ln2.bias, moe.gate.weight, moe.experts.w1, moe.experts.w2,
             moe.experts.w3, ln1.eps, moe.jitter_eps, moe.top_k, a.num_heads, a.num_kv_heads,
@@ -342,13 +340,10 @@ def _layer_step(linear, attention, moe, x, ln1_w, ln1_b, wq, bq, wk, bk, wv, bv,
     return x + moe(h, gate, w1, w2, w3, jitter_eps, top_k).view_as(x)
 
 
-_eager_layer_step = functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)
-# Attention as inductor reductions wins for short contexts; from ~600 cached tokens the matmul
-# form (which inductor turns into its flash-attention kernel) reads the cache faster.
+# The attention as reductions rather than matmuls: inductor would turn the matmuls into its
+# flash-attention call, which costs more for one query (measured equal from ~3000 cached tokens).
 _one_token_layer = Compiled(
-    functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math), _eager_layer_step, dynamic=False
+    functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math),
+    functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager),
+    dynamic=False,
 )
-_one_token_layer_long = Compiled(
-    functools.partial(_layer_step, mv, one_query_attention, _one_token_moe_math), _eager_layer_step, dynamic=False
-)
-LONG_CONTEXT = 640
