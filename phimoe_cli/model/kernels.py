@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -128,7 +129,7 @@ def upcast_linear(x, weight, bias=None, block_bytes: int = UPCAST_BLOCK_BYTES) -
     rows = max(1, min(n, block_bytes // (4 * k)))
     xf = x.reshape(-1, k).float()
     out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
-    block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    block = _scratch(rows * k, x.device).view(rows, k)
     for start in range(0, n, rows):
         w = block[: min(rows, n - start)]
         w.copy_(weight[start : start + rows])
@@ -138,3 +139,15 @@ def upcast_linear(x, weight, bias=None, block_bytes: int = UPCAST_BLOCK_BYTES) -
         else:
             out[:, start:end] = torch.addmm(bias[start:end].float(), xf, w.t())
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+_scratch_space = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements, kept for the next call: allocating a
+    fresh block per product costs page faults that took longer than the product itself."""
+    buf = getattr(_scratch_space, "buf", None)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = _scratch_space.buf = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
