@@ -53,6 +53,30 @@ def test_distribution_matches_transformers(params):
         assert torch.allclose(ours, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.05, 3.0, 8.0])  # flat: the nucleus outgrows the candidates; peaked: it does not
+def test_top_p_over_a_full_vocabulary_matches_transformers(scale):
+    g = torch.Generator().manual_seed(7)
+    params = SamplingParams(temperature=0.7, top_p=0.95, min_p=0.0)
+    for _ in range(3):
+        logits = torch.randn(32064, generator=g) * scale
+        history = torch.randint(0, 32064, (10,), generator=g)
+        ours = Sampler(params).probabilities(logits, history)
+        ref = reference_probs(logits, history, params)
+        assert torch.equal(ours > 0, ref > 0)
+        assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_draws_follow_the_distribution():
+    """What __call__ samples (from the candidates only) has the frequencies of probabilities()."""
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(8)) * 2.5
+    sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=1))
+    probs = sampler.probabilities(logits)
+    draws = torch.tensor([sampler(logits) for _ in range(6000)])
+    freq = torch.bincount(draws, minlength=len(probs)).float() / len(draws)
+    assert freq[probs == 0].sum() == 0  # nothing outside the nucleus
+    assert (freq - probs).abs().max() < 0.02
+
+
 def test_padding_ids_are_never_sampled():
     allowed = torch.ones(100, dtype=torch.bool)
     allowed[90:] = False
