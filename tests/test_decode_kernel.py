@@ -158,3 +158,15 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
     scale = ref.abs().max()
     assert (native - widened).abs().max() > 0  # the widened path really ran
     assert (widened - ref).abs().max() <= max(0.05 * scale, 1.5 * (native - ref).abs().max())
+
+
+def test_inductor_cache_is_kept_apart_per_instruction_set(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    kernels.separate_cache_per_isa()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("_avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    kernels.separate_cache_per_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"  # the user's choice stays

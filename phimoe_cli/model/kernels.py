@@ -44,6 +44,7 @@ class Compiled:
 
     def __call__(self, *args):
         if self.compiled is None:
+            separate_cache_per_isa()
             self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
         if self.compiled is not False:
             try:
@@ -52,6 +53,18 @@ class Compiled:
                 warnings.warn(f"compiled decode kernel unavailable, running eagerly ({type(exc).__name__}: {exc})")
                 self.compiled = False
         return self.eager(*args)
+
+
+def separate_cache_per_isa() -> None:
+    """With ``ATEN_CPU_CAPABILITY`` set (say avx2 on an AVX-512 machine), keep inductor's on-disk
+    cache apart from the default one. Its cache key leaves the instruction set out: kernels
+    compiled under one setting and loaded under the other were measured here to compute wrong
+    results and corrupt the heap. An explicit ``TORCHINDUCTOR_CACHE_DIR`` is left alone."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability.lower()}"
 
 
 matvec = Compiled(mv, F.linear)
