@@ -45,7 +45,7 @@ def test_compiled_decode_matches_eager_and_full_forward(ckpt):
     with torch.inference_mode():
         full = eager(x)
     assert kernels.matvec.compiled not in (None, False)  # the compiled kernels really ran
-    assert layers._one_token_layer.compiled not in (None, False)
+    assert layers.one_token_layers.compiled not in (None, False)
     assert (a - b).abs().max().item() < ATOL
     assert (a - full).abs().max().item() < ATOL
 
@@ -68,12 +68,19 @@ def test_partly_quantized_layers_use_the_per_part_kernels(ckpt):
     eager = load_model(ckpt, quantize="int8")
     fast.use_decode_kernel(True)
     eager.use_decode_kernel(False)
-    assert not any(layer.fast for layer in fast.model.layers)
+    assert not any(layer.fast for layer in fast.model.layers) and not fast.model.decode_fast
     assert all(layer.self_attn.fast for layer in fast.model.layers)
     x = ids(30, seed=4)
     a, b = decode(fast, x, 20), decode(eager, x, 20)
     assert layers._one_token_qkv.compiled not in (None, False)
     assert (a - b).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("n, groups", [(32, [4] * 8), (8, [4, 4]), (2, [2]), (6, [3, 3]), (7, [1] * 7), (1, [1])])
+def test_decode_groups_are_equal(n, groups):
+    parts = layers.decode_groups(n)
+    assert [len(g) for g in parts] == groups
+    assert [i for g in parts for i in g] == list(range(n))
 
 
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch):

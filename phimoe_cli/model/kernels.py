@@ -104,7 +104,7 @@ def native_low_precision(flags: set[str], capability: str, dtype: torch.dtype) -
     return bool(flags & arm) or not flags  # Arm (or unknown): trust PyTorch's kernels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as fh:

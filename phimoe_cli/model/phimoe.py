@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import PhimoeConfig
-from .layers import Attention, DecoderLayer, Experts, Linear, LongRoPE
+from .layers import Attention, DecoderLayer, Experts, Linear, LongRoPE, decode_groups, one_token_layers
 
 
 class PhimoeModel(nn.Module):
@@ -24,6 +24,7 @@ class PhimoeModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LongRoPE(config)
+        self.decode_fast = False  # one-token steps by the compiled layer groups (use_decode_kernel)
 
     def forward(
         self,
@@ -74,8 +75,15 @@ class PhimoeModel(nn.Module):
         mask = self._mask(b, s, start, valid, input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, long, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+        if self.decode_fast and b * s == 1 and mask is None and cache is not None and start > 0 and x.device.type == "cpu":
+            c, moe = self.config, self.layers[0].block_sparse_moe
+            consts = (c.rms_norm_eps, moe.jitter_eps, moe.top_k, c.num_attention_heads, c.num_key_value_heads)
+            for group in decode_groups(len(self.layers)):
+                layers = tuple(self.layers[i].decode_args(cache, start) for i in group)
+                x = one_token_layers(x, cos, sin, layers, *consts)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache, start)
         if cache is not None:
             cache.length = start + s
         return self.norm(x)
@@ -124,6 +132,7 @@ class PhimoeForCausalLM(nn.Module):
         for layer in self.model.layers:
             moe = layer.block_sparse_moe
             layer.fast = layer.self_attn.fast and moe.experts.fast and type(moe.gate) is nn.Linear
+        self.model.decode_fast = all(layer.fast for layer in self.model.layers)
 
     def _default_decode_kernel(self) -> bool:
         choice = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
