@@ -122,7 +122,11 @@ def prefill_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     (``auto``, ``float32`` or ``native``) overrides the choice for the CPU."""
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return dtype
-    choice = os.environ.get("PHIMOE_PREFILL_DTYPE", "auto")
+    return _cpu_prefill_dtype(dtype, os.environ.get("PHIMOE_PREFILL_DTYPE", "auto"))
+
+
+@functools.cache
+def _cpu_prefill_dtype(dtype: torch.dtype, choice: str) -> torch.dtype:
     if choice in ("float32", "native"):
         return torch.float32 if choice == "float32" else dtype
     native = native_low_precision(set(_cpu_flags()), torch.backends.cpu.get_cpu_capability(), dtype)
@@ -131,7 +135,7 @@ def prefill_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
 
 def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` computed in ``prefill_dtype``; the result has x's dtype."""
-    if x.numel() == x.shape[-1] or prefill_dtype(weight.dtype, weight.device) == weight.dtype:
+    if x.numel() == x.shape[-1] or weight.device.type != "cpu" or prefill_dtype(weight.dtype) == weight.dtype:
         return F.linear(x, weight, bias)
     return upcast_linear(x, weight, bias)
 
