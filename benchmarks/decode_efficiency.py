@@ -5,9 +5,13 @@ decode speed can be compared with what the memory delivered at that moment.
     python3 benchmarks/decode_efficiency.py
 """
 
-import torch, time
-from phimoe_cli.bench import shape_config, random_model, read_bandwidth, active_bytes
+import time
+
+import torch
+
+from phimoe_cli.bench import active_bytes, random_model, shape_config
 from phimoe_cli.model.kernels import matvec
+
 torch.set_num_threads(2)
 cfg = shape_config("mid")
 model = random_model(cfg, torch.bfloat16, torch.device("cpu"))

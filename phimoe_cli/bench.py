@@ -30,8 +30,8 @@ import torch
 
 from phimoe_cli import __version__
 from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
-from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.kernels import matvec, prefill_dtype
+from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.offload import available_ram
 from phimoe_cli.model.quant import BYTES_PER_WEIGHT
 
@@ -133,13 +133,12 @@ def read_bandwidth(device: torch.device, nbytes: int = 512 << 20, repeat: int = 
     reads faster than the sum; the faster of the two sets the roofline)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     best = _best_time(lambda: x.sum().item(), device, repeat)
-    del x
+    x = None  # freed before the next read allocates
     if device.type == "cpu":
         w = torch.ones(nbytes // 2 // 4096, 4096, dtype=torch.bfloat16)
         v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
         with torch.inference_mode():
             best = min(best, _best_time(lambda: matvec(v, w), device, repeat))
-        del w
     return nbytes / best
 
 
