@@ -1,6 +1,6 @@
 """A preallocated KV cache.
 
-Keys and values for every layer live in two tensors ``[layers, batch, kv_heads, capacity, head_dim]``
+Keys and values for every layer live in two tensors ``[layers, batch, kv_heads, capacity + 1, head_dim]``
 written in place: decoding one token allocates nothing. The cache also remembers the token ids,
 position ids and padding mask it has seen, so the model can recompute it once when a sequence
 grows past LongRoPE's ``original_max_position_embeddings`` (the cached keys were rotated with the
@@ -37,7 +37,9 @@ class KVCache:
 
     def _allocate(self, capacity: int) -> None:
         c = self.config
-        shape = (c.num_hidden_layers, self.batch_size, c.num_key_value_heads, capacity, c.head_dim)
+        # one spare row: a view of the first n rows then never looks contiguous, which would let
+        # the compiled decode step specialise on (and later recompile for) a full cache
+        shape = (c.num_hidden_layers, self.batch_size, c.num_key_value_heads, capacity + 1, c.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         tokens = torch.zeros(self.batch_size, capacity, dtype=torch.long, device=self.device)
