@@ -177,3 +177,20 @@ def test_inductor_cache_is_kept_apart_per_instruction_set(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     kernels.separate_cache_per_isa()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"  # the user's choice stays
+
+
+def test_one_graph_for_every_cache_length_and_capacity(tmp_path):
+    """Decoding while the cache grows (and its views change length and strides) compiles the
+    layer step once, not once per size."""
+    from checkpoints import make_config
+
+    from torch._dynamo.utils import counters
+
+    cfg = make_config(9, hidden_size=48, num_attention_heads=3, num_key_value_heads=1)  # a shape no other test uses
+    model = load_model(write_checkpoint(tmp_path, cfg, shards=1, seed=9))
+    model.use_decode_kernel(True)
+    decode(model, ids(6, seed=9), 3)  # compiles the lm_head matvec and the layer step once
+    before = counters["stats"]["unique_graphs"]
+    decode(model, ids(40, seed=9), 3)  # capacity 8 -> 16 -> 32 -> 64 on the way
+    assert layers.one_token_layers.compiled not in (None, False)
+    assert counters["stats"]["unique_graphs"] == before  # nothing compiled again

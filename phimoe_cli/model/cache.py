@@ -36,6 +36,12 @@ class KVCache:
         self._allocate(min(capacity, self.max_capacity))
 
     def _allocate(self, capacity: int) -> None:
+        # Always ordinary tensors, also when the cache grows inside torch.inference_mode(): the
+        # compiled decode step guards on the kind of tensor and would compile again.
+        with torch.inference_mode(False):
+            self._allocate_as(capacity)
+
+    def _allocate_as(self, capacity: int) -> None:
         c = self.config
         # one spare row: a view of the first n rows then never looks contiguous, which would let
         # the compiled decode step specialise on (and later recompile for) a full cache
