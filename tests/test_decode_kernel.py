@@ -167,6 +167,24 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
     assert (widened - ref).abs().max() <= max(0.05 * scale, 1.5 * (native - ref).abs().max())
 
 
+def test_widened_prefill_of_quantized_experts(ckpt, monkeypatch):
+    """Quantized experts dequantize, then multiply through prefill_linear like the others."""
+    x = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(7))
+    model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
+    calls = []
+    real = kernels.upcast_linear
+    monkeypatch.setattr(kernels, "upcast_linear", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    with torch.inference_mode():
+        monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
+        native = model(x).float()
+        assert not calls
+        monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
+        widened = model(x).float()
+    ffn, hidden = model.config.intermediate_size, model.config.hidden_size
+    assert (ffn, hidden) in calls and (hidden, ffn) in calls  # the quantized experts' products too
+    assert (widened - native).abs().max() <= 0.1 * native.abs().max()
+
+
 def test_inductor_cache_is_kept_apart_per_instruction_set(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Experts
+from .kernels import prefill_linear
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 BLOCKSIZE = 64
@@ -90,7 +91,7 @@ class QuantizedMatrices(nn.Module):
             return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype)).reshape(
                 *x.shape[:-1], self.shape[0]
             )
-        return F.linear(x, self.dequantize(i, x.dtype))
+        return prefill_linear(x, self.dequantize(i, x.dtype))
 
 
 def _int8_kernel_applies(x: torch.Tensor) -> bool:
