@@ -30,7 +30,7 @@ import torch
 
 from phimoe_cli import __version__
 from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
-from phimoe_cli.model.kernels import matvec, prefill_dtype
+from phimoe_cli.model.kernels import cpuinfo, matvec, prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.offload import available_ram
 from phimoe_cli.model.quant import BYTES_PER_WEIGHT
@@ -427,15 +427,7 @@ def _versions(compare: str | None) -> dict:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    name = cpuinfo().get("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}"
 
 

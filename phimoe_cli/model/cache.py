@@ -39,27 +39,24 @@ class KVCache:
         # Always ordinary tensors, also when the cache grows inside torch.inference_mode(): the
         # compiled decode step guards on the kind of tensor and would compile again.
         with torch.inference_mode(False):
-            self._allocate_as(capacity)
-
-    def _allocate_as(self, capacity: int) -> None:
-        c = self.config
-        # one spare row: a view of the first n rows then never looks contiguous, which would let
-        # the compiled decode step specialise on (and later recompile for) a full cache
-        shape = (c.num_hidden_layers, self.batch_size, c.num_key_value_heads, capacity + 1, c.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        tokens = torch.zeros(self.batch_size, capacity, dtype=torch.long, device=self.device)
-        positions = torch.zeros_like(tokens)
-        valid = torch.ones(self.batch_size, capacity, dtype=torch.bool, device=self.device)
-        n = self.length
-        if n:
-            k[..., :n, :] = self.k[..., :n, :]
-            v[..., :n, :] = self.v[..., :n, :]
-            tokens[:, :n], positions[:, :n], valid[:, :n] = (
-                self.tokens[:, :n], self.positions[:, :n], self.valid[:, :n],
-            )
-        self.k, self.v, self.tokens, self.positions, self.valid = k, v, tokens, positions, valid
-        self.capacity = capacity
+            c = self.config
+            # one spare row: a view of the first n rows then never looks contiguous, which would let
+            # the compiled decode step specialise on (and later recompile for) a full cache
+            shape = (c.num_hidden_layers, self.batch_size, c.num_key_value_heads, capacity + 1, c.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            tokens = torch.zeros(self.batch_size, capacity, dtype=torch.long, device=self.device)
+            positions = torch.zeros_like(tokens)
+            valid = torch.ones(self.batch_size, capacity, dtype=torch.bool, device=self.device)
+            n = self.length
+            if n:
+                k[..., :n, :] = self.k[..., :n, :]
+                v[..., :n, :] = self.v[..., :n, :]
+                tokens[:, :n], positions[:, :n], valid[:, :n] = (
+                    self.tokens[:, :n], self.positions[:, :n], self.valid[:, :n],
+                )
+            self.k, self.v, self.tokens, self.positions, self.valid = k, v, tokens, positions, valid
+            self.capacity = capacity
 
     def reserve(self, total: int) -> None:
         """Make room for ``total`` tokens, growing geometrically (rarely, never per token)."""
@@ -86,11 +83,10 @@ class KVCache:
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.window(layer, end)
 
     def window(self, layer: int, end: int):
-        """Views of ``layer``'s keys and values for positions ``0 .. end`` (the caller writes the
-        last ones)."""
+        """Views of ``layer``'s keys and values for positions ``0 .. end``."""
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def truncate(self, length: int) -> None:

@@ -105,16 +105,24 @@ def native_low_precision(flags: set[str], capability: str, dtype: torch.dtype) -
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); empty where
+    there is no such file."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def _cpu_flags() -> frozenset[str]:
+    info = cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def prefill_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
