@@ -30,6 +30,7 @@ import torch
 
 from phimoe_cli import __version__
 from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
+from phimoe_cli.model import hugepages, native
 from phimoe_cli.model.kernels import cpuinfo, matvec, prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.offload import available_ram
@@ -129,16 +130,21 @@ def _sync(device: torch.device) -> None:
 def read_bandwidth(device: torch.device, nbytes: int = 512 << 20, repeat: int = 5) -> float:
     """Bytes per second that streaming reads of ``nbytes`` achieve here (best of ``repeat``), so
     decode speed is judged against what the memory delivers: a sum over a float32 tensor and, on
-    the CPU, the compiled bfloat16 matrix-vector product that decoding itself uses (it sometimes
-    reads faster than the sum; the faster of the two sets the roofline)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    the CPU, a bfloat16 matrix-vector product as decoding does it (the C kernel where it builds,
+    else the compiled one). It sometimes reads faster than the sum; the faster sets the roofline.
+    Both read memory allocated as the model's weights are (hugepages.py)."""
+    x = hugepages.empty_like(torch.empty(nbytes // 4, device="meta"), device).fill_(1)
     best = _best_time(lambda: x.sum().item(), device, repeat)
     x = None  # freed before the next read allocates
     if device.type == "cpu":
-        w = torch.ones(nbytes // 2 // 4096, 4096, dtype=torch.bfloat16)
+        w = hugepages.empty((nbytes // 2 // 4096, 4096), torch.bfloat16).fill_(1)  # as the weights are
         v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
+        lib = native.library()
         with torch.inference_mode():
-            best = min(best, _best_time(lambda: matvec(v, w), device, repeat))
+            if lib is not None:
+                best = min(best, _best_time(lambda: native.linear(lib, v, w), device, repeat))
+            else:
+                best = min(best, _best_time(lambda: matvec(v, w), device, repeat))
     return nbytes / best
 
 
@@ -200,7 +206,7 @@ class EngineResult:
     peak_memory_bytes: int
     roofline_pct: float = 0.0
     warmup_s: float = 0.0  # the untimed first run, compile time included
-    decode_kernel: bool | None = None  # phimoe: whether the compiled one-token kernels ran
+    decode_kernel: str | None = None  # phimoe: native, compiled or eager
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
 
@@ -219,7 +225,7 @@ class _Ours:
         return self.model(ids, cache=self.cache, logits_to_keep=1)
 
     @property
-    def decode_kernel(self) -> bool | None:
+    def decode_kernel(self) -> str | None:
         return getattr(self.model, "decode_kernel", None)
 
 
@@ -391,7 +397,7 @@ def run(
         "build_s": build_s,
         "active_bytes_per_token": active,
         "bandwidth_bytes_s": bandwidth,
-        "bandwidth_method": "best read of 512 MiB, float32 sum or compiled bfloat16 matrix-vector product, before and after the engines",
+        "bandwidth_method": "best read of 512 MiB, float32 sum or bfloat16 matrix-vector product, before and after the engines",
         "roofline_tok_s": roofline,
         "prefill_compute_dtype": str(prefill_dtype(torch_dtype, dev)).removeprefix("torch."),
         "results": [asdict(r) for r in results],
@@ -459,8 +465,9 @@ def render(result: dict, console=None) -> None:
             f"{r['warmup_s']:.1f}",
         )
     console.print(table)
-    kernel = {True: "compiled one-token kernels", False: "eager"}.get(result["results"][0]["decode_kernel"], "-")
-    console.print(f"phimoe decode path: {kernel} (PHIMOE_DECODE_KERNEL=eager|compiled to choose)")
+    kernel = {"native": "C decode step (native.c)", "compiled": "compiled one-token kernels", "eager": "eager"}.get(
+        result["results"][0]["decode_kernel"], "-")
+    console.print(f"phimoe decode path: {kernel} (PHIMOE_DECODE_KERNEL=native|compiled|eager to choose)")
     if "prefill_compute_dtype" in result:
         console.print(
             f"phimoe prefill multiplies in {result['prefill_compute_dtype']}"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import PhimoeConfig
 from .kernels import Compiled, linear, mv, prefill_linear
 
@@ -72,8 +73,11 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose one-token products may use the compiled decode kernel (kernels.py)."""
 
     fast = False  # set by PhimoeForCausalLM.use_decode_kernel
+    native = None  # the C library (native.py), for one bfloat16 row; set by use_decode_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return native.linear(self.native, x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, self.fast)
 
 

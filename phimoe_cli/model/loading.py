@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import hugepages
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
@@ -329,7 +330,7 @@ def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.dev
             for layer in model.model.layers:
                 layer.block_sparse_moe.experts = OffloadedExperts(
                     c.num_local_experts, c.hidden_size, c.intermediate_size, offload_capacity, dtype, device, mapped)
-    model = model.to_empty(device=device)
+    model = model._apply(lambda t: hugepages.empty_like(t, device))  # to_empty, in huge pages on the CPU
     # non-persistent buffers do not survive to_empty: rebuild the rotary tables (kept in float32)
     model.model.rotary_emb = LongRoPE(config).to(device)
     return model

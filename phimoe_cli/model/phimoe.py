@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from . import native
 from .cache import KVCache
 from .config import PhimoeConfig
 from .layers import Attention, DecoderLayer, Experts, Linear, LongRoPE, decode_groups, one_token_layers
@@ -25,6 +26,7 @@ class PhimoeModel(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LongRoPE(config)
         self.decode_fast = False  # one-token steps by the compiled layer groups (use_decode_kernel)
+        self.native: native.Decoder | None = None  # one-token steps by the C step (use_decode_kernel)
 
     def forward(
         self,
@@ -74,6 +76,10 @@ class PhimoeModel(nn.Module):
 
         mask = self._mask(b, s, start, valid, input_ids.device)
         x = self.embed_tokens(input_ids)
+        if self.native is not None and b * s == 1 and mask is None and cache is not None and start > 0:
+            x = self.native(x, cache, start, int(position_ids.reshape(-1)[0]), long)
+            cache.length = start + s
+            return x
         cos, sin = self.rotary_emb(position_ids, long, x.dtype)
         if self.decode_fast and b * s == 1 and mask is None and cache is not None and start > 0 and x.device.type == "cpu":
             c, moe = self.config, self.layers[0].block_sparse_moe
@@ -114,14 +120,18 @@ class PhimoeForCausalLM(nn.Module):
         self.config = config
         self.model = PhimoeModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
-        self.decode_kernel: bool | None = None  # None: decided on the first call
+        self.decode_kernel: str | None = None  # native, compiled or eager; None: decided on the first call
 
-    def use_decode_kernel(self, enabled: bool) -> None:
-        """Whether one-token steps on the CPU use the compiled matrix-vector kernel (kernels.py).
-        By default they do for models of 256 MiB or more (where bandwidth dominates and the
-        one-off compile, a few seconds, pays off); ``PHIMOE_DECODE_KERNEL=eager|compiled``
-        overrides."""
-        self.decode_kernel = enabled
+    def use_decode_kernel(self, kind: bool | str) -> None:
+        """How one-token steps on the CPU run: ``"native"`` (the C step of native.py, for plain
+        bfloat16 models), ``"compiled"`` (inductor kernels, kernels.py) or ``"eager"``. True means
+        "compiled", False "eager". Where "native" cannot run (no C compiler, quantized or
+        offloaded layers, another dtype) the compiled kernels take over."""
+        kind = {True: "compiled", False: "eager"}.get(kind, kind)
+        if kind not in ("native", "compiled", "eager"):
+            raise ValueError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
+        lib = native.library() if kind == "native" else None
+        enabled = kind != "eager"
         for module in self.modules():
             # only the plain layers: quantized or offloaded ones keep their own forward
             if type(module) in (Linear, Experts):
@@ -129,18 +139,30 @@ class PhimoeForCausalLM(nn.Module):
             elif type(module) is Attention:
                 projections = (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
                 module.fast = enabled and all(type(p) is Linear for p in projections)
+            if type(module) is Linear:
+                module.native = lib
         for layer in self.model.layers:
             moe = layer.block_sparse_moe
             layer.fast = layer.self_attn.fast and moe.experts.fast and type(moe.gate) is nn.Linear
         self.model.decode_fast = all(layer.fast for layer in self.model.layers)
+        whole = lib is not None and native.supports(self)
+        self.model.native = native.Decoder(self.model, lib) if whole else None
+        self.decode_kernel = "native" if whole else "compiled" if enabled else "eager"
 
-    def _default_decode_kernel(self) -> bool:
+    def _default_decode_kernel(self) -> str:
+        """``PHIMOE_DECODE_KERNEL`` (native, compiled or eager), else: the C step where it can
+        run; else the compiled kernels for models of 256 MiB or more (where bandwidth dominates and
+        the one-off compile, a few seconds, pays off)."""
         choice = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
-        if choice in ("eager", "compiled"):
-            return choice == "compiled"
+        if choice in ("eager", "compiled", "native"):
+            return choice
         p = self.lm_head.weight
+        if p.device.type != "cpu":
+            return "eager"
+        if native.supports(self) and native.library() is not None:
+            return "native"
         size = sum(t.nbytes for t in (*self.parameters(), *self.buffers()))  # quantized weights are buffers
-        return p.device.type == "cpu" and size >= 256 << 20
+        return "compiled" if size >= 256 << 20 else "eager"
 
     def forward(
         self,

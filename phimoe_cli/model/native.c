@@ -1,0 +1,337 @@
+/* One token through every PhiMoE decoder layer, in C: the CPU decode step at memory bandwidth.
+ *
+ * Decoding one token reads each active weight once, so its speed is how fast the weights stream
+ * from memory. Here each matrix-vector product streams four rows at a time through bfloat16
+ * dot-product instructions (AVX512-BF16), or widens them to float32 for FMA (AVX2), or plain C
+ * elsewhere; and the whole step (all layers, the final norm) runs in one OpenMP parallel region,
+ * so there is no per-operation dispatch, no allocation and no thread start-up per token.
+ *
+ * Numerics follow the eager bfloat16 reference operation for operation: every product is summed
+ * in float32 and rounded once to bfloat16, and every elementwise step (rotary, residual adds,
+ * SiLU, the sparsemixer's arithmetic) is rounded to bfloat16 where the eager model rounds.
+ * Built by native.py with the host's compiler (-O3 -march=native -fopenmp); loaded with ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float rb(float f) { return bf2f(f2bf(f)); } /* f rounded to bfloat16 */
+
+/* ------------------------------------------------------------------- y[i] = W[i, :] . x */
+const char *phimoe_native_isa(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return "avx512_bf16";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+/* rows r0..r1 of W [*, K] (bfloat16, row-major) times x (bfloat16 [K]), in float32.
+ * One row at a time, front to back: a single sequential stream, which the hardware prefetcher
+ * follows at full bandwidth (four rows interleaved measured ~40% slower here). Sixteen
+ * independent accumulators (1 KiB of the row per iteration) keep enough loads in flight: on
+ * 1600-row matrices they read 12% faster than four (benchmarks/README.md). */
+static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
+    long i = r0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define DOT(acc, off) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + k + (off)), \
+                                             (__m512bh)_mm512_loadu_si512(x + k + (off)))
+    const long k16 = K & ~511L, k4 = K & ~127L, k1 = K & ~31L;
+    const __mmask32 tail = (__mmask32)((1ULL << (K - k1)) - 1);
+    for (; i < r1; i++) {
+        const bf16 *w = W + i * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+        long k = 0;
+        for (; k < k16; k += 512) {
+            DOT(a0, 0), DOT(a1, 32), DOT(a2, 64), DOT(a3, 96), DOT(a4, 128), DOT(a5, 160), DOT(a6, 192), DOT(a7, 224);
+            DOT(b0, 256), DOT(b1, 288), DOT(b2, 320), DOT(b3, 352), DOT(b4, 384), DOT(b5, 416), DOT(b6, 448), DOT(b7, 480);
+        }
+        for (; k < k4; k += 128) DOT(a0, 0), DOT(a1, 32), DOT(a2, 64), DOT(a3, 96);
+        for (; k < k1; k += 32) DOT(a4, 0);
+        if (tail)
+            a5 = _mm512_dpbf16_ps(a5, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k));
+        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(b0, b4));
+        a1 = _mm512_add_ps(_mm512_add_ps(a1, a5), _mm512_add_ps(b1, b5));
+        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(b2, b6));
+        a3 = _mm512_add_ps(_mm512_add_ps(a3, a7), _mm512_add_ps(b3, b7));
+        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+#undef DOT
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define DOT(acc, off) acc = _mm256_fmadd_ps(LOAD8(w + k + (off)), LOAD8(x + k + (off)), acc)
+    const long k8 = K & ~63L, k1 = K & ~7L;
+    for (; i < r1; i++) {
+        const bf16 *w = W + i * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        long k = 0;
+        for (; k < k8; k += 64) {
+            DOT(a0, 0), DOT(a1, 8), DOT(a2, 16), DOT(a3, 24), DOT(a4, 32), DOT(a5, 40), DOT(a6, 48), DOT(a7, 56);
+        }
+        for (; k < k1; k += 8) DOT(a0, 0);
+        a0 = _mm256_add_ps(_mm256_add_ps(a0, a4), _mm256_add_ps(a1, a5));
+        a2 = _mm256_add_ps(_mm256_add_ps(a2, a6), _mm256_add_ps(a3, a7));
+        float s[8], t = 0.f;
+        _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
+        for (int j = 0; j < 8; j++) t += s[j];
+        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        y[i] = t;
+    }
+#undef DOT
+#undef LOAD8
+#endif
+    for (; i < r1; i++) { /* the generic build */
+        const bf16 *w = W + i * K;
+        float t = 0.f;
+        for (long k = 0; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        y[i] = t;
+    }
+}
+
+/* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
+static void share(long n, long *r0, long *r1) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    long blocks = (n + 3) / 4, per = blocks / nt, extra = blocks % nt;
+    long b0 = t * per + (t < extra ? t : extra), b1 = b0 + per + (t < extra);
+    *r0 = b0 * 4 < n ? b0 * 4 : n;
+    *r1 = b1 * 4 < n ? b1 * 4 : n;
+}
+
+/* y = bf16(W x + b) for this thread's rows; bias may be NULL */
+static void linear_rows(const bf16 *W, const bf16 *b, const bf16 *x, long n, long k, float *tmp, bf16 *y) {
+    long r0, r1;
+    share(n, &r0, &r1);
+    dot_rows(W, k, x, r0, r1, tmp);
+    for (long i = r0; i < r1; i++) y[i] = f2bf(b ? tmp[i] + bf2f(b[i]) : tmp[i]);
+}
+
+void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n, long k, float *tmp) {
+#pragma omp parallel
+    linear_rows(W, b, x, n, k, tmp, y);
+}
+
+/* ------------------------------------------------------------------------- the decoder layer */
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, ffn, experts, top_k, layers;
+    float eps, jitter_eps, mscale;
+    long cache_head_stride; /* elements between two kv heads' rows in the cache */
+} Dims;
+
+typedef struct {
+    const bf16 *ln1_w, *ln1_b, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+    const bf16 *ln2_w, *ln2_b, *gate, *w1, *w2, *w3;
+    bf16 *k_cache, *v_cache; /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
+} Layer;
+
+static void layer_norm(const bf16 *x, const bf16 *w, const bf16 *b, int n, float eps, bf16 *out) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < n; i++) mean += bf2f(x[i]);
+    mean /= n;
+    for (int i = 0; i < n; i++) {
+        float d = bf2f(x[i]) - mean;
+        var += d * d;
+    }
+    float inv = 1.f / sqrtf(var / n + eps);
+    for (int i = 0; i < n; i++) out[i] = f2bf((bf2f(x[i]) - mean) * inv * bf2f(w[i]) + bf2f(b[i]));
+}
+
+/* in place, one head: x * cos + rotate_half(x) * sin, rounded as the eager bfloat16 ops round */
+static void rope(bf16 *x, const bf16 *cos, const bf16 *sin, int d) {
+    int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        float x1 = bf2f(x[i]), x2 = bf2f(x[i + h]);
+        x[i] = f2bf(rb(x1 * bf2f(cos[i])) + rb(-x2 * bf2f(sin[i])));
+        x[i + h] = f2bf(rb(x2 * bf2f(cos[i + h])) + rb(x1 * bf2f(sin[i + h])));
+    }
+}
+
+/* softmax of n bfloat16 values (held in float) into float probabilities, rounded to bfloat16 */
+static void softmax_bf16(const float *s, int n, float *p) {
+    float m = -INFINITY, sum = 0.f;
+    for (int i = 0; i < n; i++) m = s[i] > m ? s[i] : m;
+    for (int i = 0; i < n; i++) sum += (p[i] = expf(s[i] - m));
+    for (int i = 0; i < n; i++) p[i] = rb(p[i] / sum);
+}
+
+/* layers.sparsemixer for one token on bfloat16 scores, rounding as the eager ops do */
+void phimoe_sparsemixer(const float *scores, int n, int top_k, float jitter_eps, int *chosen, float *weights) {
+    float remaining[256], masked[256], probs[256];
+    const float limit = rb(2.f * jitter_eps);
+    for (int e = 0; e < n; e++) remaining[e] = scores[e];
+    for (int k = 0; k < top_k; k++) {
+        int idx = 0;
+        for (int e = 1; e < n; e++) if (remaining[e] > remaining[idx]) idx = e;
+        float best = remaining[idx];
+        for (int e = 0; e < n; e++) {
+            float factor = fabsf(scores[e]) > best ? fabsf(scores[e]) : best;
+            masked[e] = rb(rb(best - scores[e]) / factor) > limit ? -INFINITY : remaining[e];
+        }
+        softmax_bf16(masked, n, probs);
+        chosen[k] = idx, weights[k] = probs[idx];
+        remaining[idx] = -INFINITY;
+    }
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+typedef struct { /* per-token working memory, carved from the caller's scratch */
+    bf16 *h, *qkv, *att, *act;
+    float *tmp, *scores, *router, *weights;
+    int *chosen;
+} Work;
+
+static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
+    const int D = d->head_dim, group = d->heads / d->kv_heads;
+    const float scale = 1.f / sqrtf((float)D);
+#pragma omp for schedule(static)
+    for (int hd = 0; hd < d->heads; hd++) {
+        const bf16 *q = w->qkv + (long)hd * D;
+        const bf16 *K = L->k_cache + (hd / group) * d->cache_head_stride;
+        const bf16 *V = L->v_cache + (hd / group) * d->cache_head_stride;
+        float *s = w->scores + (long)hd * T, acc[512], m = -INFINITY, sum = 0.f;
+        dot_rows(K, D, q, 0, T, s); /* the keys of one kv head are T contiguous rows */
+        for (int t = 0; t < T; t++) {
+            s[t] *= scale;
+            m = s[t] > m ? s[t] : m;
+        }
+        for (int i = 0; i < D; i++) acc[i] = 0.f;
+        for (int t = 0; t < T; t++) sum += (s[t] = expf(s[t] - m));
+        for (int t = 0; t < T; t++) {
+            const float p = s[t] / sum;
+            for (int i = 0; i < D; i++) acc[i] += p * bf2f(V[(long)t * D + i]);
+        }
+        for (int i = 0; i < D; i++) w->att[(long)hd * D + i] = f2bf(acc[i]);
+    }
+}
+
+static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16 *cos, const bf16 *sin, const Work *w) {
+    const int H = d->hidden, D = d->head_dim, F = d->ffn, qn = d->heads * D, kn = d->kv_heads * D;
+    long r0, r1;
+#pragma omp single
+    layer_norm(x, L->ln1_w, L->ln1_b, H, d->eps, w->h);
+    /* q, k, v */
+    linear_rows(L->wq, L->bq, w->h, qn, H, w->tmp, w->qkv);
+    linear_rows(L->wk, L->bk, w->h, kn, H, w->tmp + qn, w->qkv + qn);
+    linear_rows(L->wv, L->bv, w->h, kn, H, w->tmp + qn + kn, w->qkv + qn + kn);
+#pragma omp barrier
+#pragma omp single
+    {
+        for (int hd = 0; hd < d->heads + d->kv_heads; hd++) rope(w->qkv + (long)hd * D, cos, sin, D);
+        for (int g = 0; g < d->kv_heads; g++) {
+            memcpy(L->k_cache + g * d->cache_head_stride + (long)(T - 1) * D, w->qkv + qn + (long)g * D, D * 2);
+            memcpy(L->v_cache + g * d->cache_head_stride + (long)(T - 1) * D, w->qkv + qn + kn + (long)g * D, D * 2);
+        }
+    }
+    attention(d, L, w, T);
+    /* x += o_proj(attention) */
+    share(H, &r0, &r1);
+    dot_rows(L->wo, qn, w->att, r0, r1, w->tmp);
+    for (long i = r0; i < r1; i++)
+        x[i] = f2bf(bf2f(x[i]) + rb(L->bo ? w->tmp[i] + bf2f(L->bo[i]) : w->tmp[i]));
+#pragma omp barrier
+#pragma omp single
+    {
+        layer_norm(x, L->ln2_w, L->ln2_b, H, d->eps, w->h);
+        dot_rows(L->gate, H, w->h, 0, d->experts, w->router);
+        for (int e = 0; e < d->experts; e++) w->router[e] = rb(w->router[e]);
+        phimoe_sparsemixer(w->router, d->experts, d->top_k, d->jitter_eps, w->chosen, w->weights);
+    }
+    /* the chosen experts: act_k = bf16(bf16(silu(w1 h)) * (w3 h)) */
+    share(F, &r0, &r1);
+    for (int k = 0; k < d->top_k; k++) {
+        const long e = w->chosen[k];
+        float *g = w->tmp + 2L * k * F, *u = g + F;
+        dot_rows(L->w1 + e * F * H, H, w->h, r0, r1, g);
+        dot_rows(L->w3 + e * F * H, H, w->h, r0, r1, u);
+        for (long i = r0; i < r1; i++) w->act[(long)k * F + i] = f2bf(rb(silu(rb(g[i]))) * rb(u[i]));
+    }
+#pragma omp barrier
+    /* x += sum over the chosen experts, in expert order, of bf16(bf16(w2 act_k) * weight_k) */
+    share(H, &r0, &r1);
+    int order[64];
+    for (int k = 0; k < d->top_k; k++) order[k] = k;
+    for (int a = 1; a < d->top_k; a++)
+        for (int b = a; b > 0 && w->chosen[order[b]] < w->chosen[order[b - 1]]; b--) {
+            int t = order[b]; order[b] = order[b - 1]; order[b - 1] = t;
+        }
+    float *y = w->tmp + 2L * d->top_k * F;
+    for (int j = 0; j < d->top_k; j++) {
+        const int k = order[j];
+        const long e = w->chosen[k];
+        dot_rows(L->w2 + e * H * F, F, w->act + (long)k * F, r0, r1, y + (long)j * H);
+    }
+    for (long i = r0; i < r1; i++) {
+        float sum = 0.f;
+        for (int j = 0; j < d->top_k; j++) {
+            float v = rb(rb(y[(long)j * H + i]) * w->weights[order[j]]);
+            sum = j ? rb(sum + v) : v;
+        }
+        x[i] = f2bf(bf2f(x[i]) + sum);
+    }
+#pragma omp barrier
+}
+
+/* bytes of scratch memory phimoe_decode needs for a context of up to T tokens */
+long phimoe_scratch_bytes(const Dims *d, long T) {
+    long qkv = (long)(d->heads + 2 * d->kv_heads) * d->head_dim, f = d->ffn, h = d->hidden;
+    long floats = qkv + 2L * d->top_k * f + (long)d->top_k * h + h + 3L * d->experts + (long)d->heads * T;
+    long halves = h + qkv + (long)d->heads * d->head_dim + (long)d->top_k * f;
+    return 4 * floats + 2 * halves + 64 * 8;
+}
+
+/* x [hidden] (bfloat16, updated in place) through every layer for the token at cache row T - 1
+ * and rotary position `position`; the final layer norm's output goes to `out`.
+ * inv_freq [head_dim / 2]: the rotary frequencies (short or long factors) in float32. */
+void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int position, const float *inv_freq,
+                   const bf16 *norm_w, const bf16 *norm_b, bf16 *out, void *scratch) {
+    const int D = d->head_dim;
+    long qkv = (long)(d->heads + 2 * d->kv_heads) * D;
+    Work w;
+    char *p = (char *)scratch;
+    w.tmp = (float *)p, p += 4 * (qkv + 2L * d->top_k * d->ffn + (long)d->top_k * d->hidden + d->hidden);
+    w.router = (float *)p, p += 4L * d->experts;
+    w.weights = (float *)p, p += 4L * d->experts;
+    w.chosen = (int *)p, p += 4L * d->experts;
+    w.scores = (float *)p, p += 4L * d->heads * T;
+    w.h = (bf16 *)p, p += 2L * d->hidden;
+    w.qkv = (bf16 *)p, p += 2 * qkv;
+    w.att = (bf16 *)p, p += 2L * d->heads * D;
+    w.act = (bf16 *)p;
+    bf16 cos[512], sin[512]; /* as LongRoPE.forward: bf16(cos(position * inv_freq) * mscale) */
+    for (int i = 0; i < D; i++) {
+        float f = (float)position * inv_freq[i % (D / 2)];
+        cos[i] = f2bf(cosf(f) * d->mscale);
+        sin[i] = f2bf(sinf(f) * d->mscale);
+    }
+#pragma omp parallel
+    {
+        for (int l = 0; l < d->layers; l++) layer_step(d, layers + l, x, T, cos, sin, &w);
+#pragma omp single
+        layer_norm(x, norm_w, norm_b, d->hidden, d->eps, out);
+    }
+}

@@ -1,0 +1,248 @@
+"""The C decode step (model/native.c): its matrix-vector kernel, its sparsemixer and whole decode
+steps, against float64 products, the Python sparsemixer, and the eager bfloat16 / float32 models.
+Every instruction-set variant this CPU can run is built and checked."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from checkpoints import make_config, write_checkpoint
+from phimoe_cli.model import hugepages, load_model, native, sparsemixer
+from phimoe_cli.model.kernels import cpuinfo
+
+FLAGS = set((cpuinfo().get("flags") or "").split())
+VARIANTS = {"native": "-march=native", "generic": ""}  # generic: plain C (what a non-x86 CPU runs)
+if {"avx2", "fma"} <= FLAGS:
+    VARIANTS["avx2"] = "-mavx2 -mfma"
+
+
+def _build(flags: str):
+    try:
+        return native.load(native.build(flags))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no C toolchain here: {exc}")
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def lib(request):
+    return _build(VARIANTS[request.param])
+
+
+def test_variants_report_their_instruction_set():
+    expected = {"generic": "generic", "avx2": "avx2"}
+    for name, flags in VARIANTS.items():
+        isa = native.isa(_build(flags))
+        if name in expected:
+            assert isa == expected[name]
+        elif "avx512_bf16" in FLAGS:
+            assert isa == "avx512_bf16"
+
+
+# shapes with every tail: rows not a multiple of 4, K below and above each unrolled step
+@pytest.mark.parametrize("n, k", [(37, 100), (1600, 1024), (64, 1600), (9, 600), (5, 8), (3, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_the_float32_sum_rounded_once(lib, n, k, bias):
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(1, 1, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    y = native.linear(lib, x, w, b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 1, n)
+    # float32 summation (any order) then one rounding: within one bfloat16 step of the exact value
+    err = (y.double() - exact).abs()
+    bound = 2.0**-8 * exact.abs() + 1e-6 * k * (x.double().abs() @ w.double().abs().t())
+    assert (err <= bound).all(), (err - bound).max()
+
+
+def sparsemixer_c(lib, scores: torch.Tensor, top_k: int, jitter_eps: float):
+    n = scores.numel()
+    s = scores.float().contiguous()
+    chosen = (ctypes.c_int * top_k)()
+    weights = (ctypes.c_float * top_k)()
+    lib.phimoe_sparsemixer(ctypes.c_void_p(s.data_ptr()), n, top_k, ctypes.c_float(jitter_eps), chosen, weights)
+    return list(weights), list(chosen)
+
+
+def _rounding_sensitive_cases(eps: float, most: int = 40) -> list[torch.Tensor]:
+    """Score vectors where the gap test ``(best - s) / max(|s|, best) > 2 * eps`` decides
+    differently in float32 than with each step rounded to bfloat16, as the eager ops round."""
+    grid = torch.linspace(0.25, 4.0, 2000).bfloat16().unique()
+    best, s = grid[:, None], grid[None, :]
+    exact = ((best.float() - s.float()) / torch.maximum(s.float().abs(), best.float())) > 2 * eps
+    rounded = ((best - s) / s.abs().clamp(min=best)) > 2 * eps
+    b, j = torch.nonzero(exact != rounded, as_tuple=True)
+    assert len(b), "no rounding-sensitive pair in the grid"
+    cases = []
+    for i in range(min(most, len(b))):
+        c = torch.full((16,), -8.0)
+        c[5], c[9] = grid[b[i]], grid[j[i]]
+        cases.append(c)
+    return cases
+
+
+def test_sparsemixer_matches_the_python_one_exactly(lib):
+    """On bfloat16 scores, as the eager bfloat16 model routes: the same experts, the same
+    weights, bit for bit; including ties and gaps right at the 2 * jitter_eps threshold."""
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(16, generator=g) * scale for scale in (0.01, 0.3, 1.0, 5.0) for _ in range(60)]
+    cases += [torch.randint(-3, 4, (16,), generator=g).float() for _ in range(40)]  # many ties
+    base = torch.randn(16, generator=g)
+    for step in range(-4, 5):  # gaps around the threshold
+        c = base.clone()
+        c[3] = base.max() * (1 + step * 0.005)
+        cases.append(c)
+    cases += [torch.randn(8, generator=g) for _ in range(20)]  # other expert counts
+    cases += _rounding_sensitive_cases(0.01)
+    for top_k, eps in ((2, 0.01), (3, 0.1), (1, 0.01)):
+        for scores in cases:
+            scores = scores.bfloat16()[None]
+            w_ref, c_ref = sparsemixer(scores, eps, top_k)
+            w, c = sparsemixer_c(lib, scores[0], top_k, eps)
+            assert c == c_ref[0].tolist(), scores
+            assert w == w_ref[0].float().tolist(), scores
+
+
+# --------------------------------------------------------------------------- whole decode steps
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """The tiny test model, and one whose widths hit every unrolled loop and tail of the kernel."""
+    wide = make_config(11, hidden_size=544, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "tiny": write_checkpoint(tmp_path_factory.mktemp("tiny"), shards=1, seed=0),
+        "wide": write_checkpoint(tmp_path_factory.mktemp("wide"), wide, shards=2, seed=11),
+    }
+
+
+def ids(n, seed=0):
+    return torch.randint(0, 32000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def decode(model, x, prefix):
+    """Teacher-forced: the prompt in one pass, then one token at a time from a small cache (it
+    grows, and the C step rebinds to the moved tensors)."""
+    cache = model.new_cache(capacity=8)
+    with torch.inference_mode():
+        steps = [model(x[:, :prefix], cache=cache)]
+        steps += [model(x[:, t : t + 1], cache=cache) for t in range(prefix, x.shape[1])]
+    return torch.cat(steps, dim=1)[:, prefix:].float()
+
+
+def _models(path, lib, kinds=("native", "eager")):
+    out = {}
+    for kind in kinds:
+        m = load_model(path, dtype=torch.bfloat16)
+        m.use_decode_kernel(kind)
+        if kind == "native":  # this variant of the library, not the default build
+            m.model.native = native.Decoder(m.model, lib)
+            for module in m.modules():
+                if getattr(module, "native", None) is not None and not isinstance(module.native, native.Decoder):
+                    module.native = lib
+        out[kind] = m
+    out["float32"] = load_model(path)
+    out["float32"].use_decode_kernel("eager")
+    return out
+
+
+@pytest.mark.parametrize("name, n, prefix", [("tiny", 40, 20), ("wide", 30, 10), ("tiny", 80, 58)])
+def test_decode_agrees_with_the_reference_as_well_as_eager_bfloat16(ckpts, lib, name, n, prefix):
+    """Against the float32 model, the C step's error is no larger than the eager bfloat16 path's
+    (both round the same operations to bfloat16), and it picks the same greedy tokens.
+    ``tiny`` 80/58 crosses LongRoPE's original_max_position_embeddings (64) while decoding."""
+    models = _models(ckpts[name], lib)
+    x = ids(n, seed=n)
+    got, eager, ref = (decode(models[k], x, prefix) for k in ("native", "eager", "float32"))
+    scale = ref.abs().max()
+    err_c, err_eager = (got - ref).abs().amax(-1), (eager - ref).abs().amax(-1)  # per position
+    # a routing decision between two experts whose bfloat16 scores tie can flip on one rounding;
+    # away from those the two paths agree to a few bfloat16 steps
+    close = (got - eager).abs().amax(-1) <= 0.02 * scale
+    assert close.float().mean() >= 0.9
+    assert err_c.median() <= 1.5 * err_eager.median() + 1e-3 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (eager.argmax(-1) == ref.argmax(-1)).float().mean() - 0.1
+
+
+def test_one_and_two_threads_give_identical_tokens(ckpts):
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C toolchain here")
+    model = _models(ckpts["wide"], lib, kinds=("native",))["native"]
+    x = ids(20, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode(model, x, 10)
+        torch.set_num_threads(2)
+        two = decode(model, x, 10)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # rows and heads are split between threads, never a sum
+
+
+def test_default_kernel_for_bfloat16_and_float32_models(ckpts, monkeypatch):
+    monkeypatch.delenv("PHIMOE_DECODE_KERNEL", raising=False)
+    if native.library() is None:
+        pytest.skip("no C toolchain here")
+    bf16, f32 = load_model(ckpts["tiny"], dtype=torch.bfloat16), load_model(ckpts["tiny"])
+    with torch.inference_mode():
+        bf16(ids(3)), f32(ids(3))
+    assert bf16.decode_kernel == "native" and bf16.model.native is not None
+    assert f32.decode_kernel == "eager" and f32.model.native is None  # float32: not the C step's dtype
+    q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="int8")
+    q.use_decode_kernel("native")
+    assert q.model.native is None and q.decode_kernel == "compiled"  # quantized experts: per-part kernels
+
+
+def test_without_a_compiler_the_compiled_kernels_take_over(ckpts, monkeypatch, tmp_path):
+    monkeypatch.setenv("PHIMOE_CACHE_DIR", str(tmp_path))  # nothing built yet in this cache
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    native.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.library() is None
+        assert any("no C compiler" in str(w.message) for w in caught)
+        model = load_model(ckpts["tiny"], dtype=torch.bfloat16)
+        model.use_decode_kernel("native")
+        assert model.decode_kernel == "compiled" and model.model.native is None
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failed_build_warns_with_the_compiler_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("PHIMOE_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="C build failed"):
+            assert native.library("-mno-such-flag-exists") is None
+    finally:
+        native.library.cache_clear()
+
+
+def test_build_is_cached_per_source_flags_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("PHIMOE_CACHE_DIR", str(tmp_path))
+    try:
+        a = native.build("")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no C toolchain here: {exc}")
+    mtime = a.stat().st_mtime_ns
+    assert native.build("") == a and a.stat().st_mtime_ns == mtime  # not built again
+    assert native.build("-O2") != a
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({a.name, native.build("-O2").name})  # no leftovers
+
+
+def test_hugepage_tensors_are_aligned_usable_and_freed():
+    t = hugepages.empty((3, 1 << 20), torch.bfloat16)  # 6 MiB
+    if hugepages._madvise() is not None:
+        assert t.data_ptr() % hugepages.HUGE == 0
+    t.fill_(2)
+    view = t[1]
+    del t
+    assert view.sum().item() == 2 * (1 << 20)  # the mapping lives as long as a view of it
+    small = hugepages.empty((10,), torch.float32)
+    assert small.shape == (10,) and small.dtype == torch.float32
