@@ -21,6 +21,8 @@
 
 typedef uint16_t bf16;
 
+enum { MAX_HEAD_DIM = 512, MAX_GROUP = 16 }; /* native.supports() keeps models within these */
+
 static inline float bf2f(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
@@ -148,15 +150,24 @@ typedef struct {
     bf16 *k_cache, *v_cache; /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
 } Layer;
 
-static void layer_norm(const bf16 *x, const bf16 *w, const bf16 *b, int n, float eps, bf16 *out) {
-    float mean = 0.f, var = 0.f;
-    for (int i = 0; i < n; i++) mean += bf2f(x[i]);
-    mean /= n;
-    for (int i = 0; i < n; i++) {
-        float d = bf2f(x[i]) - mean;
-        var += d * d;
-    }
-    float inv = 1.f / sqrtf(var / n + eps);
+/* float32 sum of n values, in 16 interleaved partial sums (vectorised; torch's order differs too) */
+static float sum16(const float *v, int n) {
+    float part[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) part[j] += v[i + j];
+    float s = 0.f;
+    for (; i < n; i++) s += v[i];
+    for (int j = 0; j < 16; j++) s += part[j];
+    return s;
+}
+
+/* nn.LayerNorm of bfloat16 x (statistics in float32), rounded to bfloat16; tmp: n floats */
+static void layer_norm(const bf16 *x, const bf16 *w, const bf16 *b, int n, float eps, float *tmp, bf16 *out) {
+    for (int i = 0; i < n; i++) tmp[i] = bf2f(x[i]);
+    const float mean = sum16(tmp, n) / n;
+    for (int i = 0; i < n; i++) tmp[i] = (tmp[i] - mean) * (tmp[i] - mean);
+    const float inv = 1.f / sqrtf(sum16(tmp, n) / n + eps);
     for (int i = 0; i < n; i++) out[i] = f2bf((bf2f(x[i]) - mean) * inv * bf2f(w[i]) + bf2f(b[i]));
 }
 
@@ -205,27 +216,78 @@ typedef struct { /* per-token working memory, carved from the caller's scratch *
     int *chosen;
 } Work;
 
+/* exp(v[i] - m) in place for v[i] <= m, in a form the compiler vectorises (glibc's expf is a call
+ * per element): Cephes' expf, 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], within 2 ulp. */
+static void exp_shifted(float *v, int n, float m) {
+    for (int i = 0; i < n; i++) {
+        float x = v[i] - m;
+        x = x < -87.f ? -87.f : x;
+        const float t = x * 1.44269504f + 12582912.f; /* round to nearest: 1.5 * 2^23 */
+        const float k = t - 12582912.f;
+        float r = x - k * 0.693359375f;
+        r = r - k * -2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.f;
+        uint32_t bits;
+        memcpy(&bits, &p, 4);
+        bits += (uint32_t)(int32_t)k << 23;
+        memcpy(&v[i], &bits, 4);
+    }
+}
+
+/* One query against the cache, per kv head: its group of query heads shares every pass over the
+ * keys and values (read once, in blocks that stay in L1), so long contexts read the cache once. */
 static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
+    enum { BLOCK = 64, CHUNK = 64 };
     const int D = d->head_dim, group = d->heads / d->kv_heads;
     const float scale = 1.f / sqrtf((float)D);
 #pragma omp for schedule(static)
-    for (int hd = 0; hd < d->heads; hd++) {
-        const bf16 *q = w->qkv + (long)hd * D;
-        const bf16 *K = L->k_cache + (hd / group) * d->cache_head_stride;
-        const bf16 *V = L->v_cache + (hd / group) * d->cache_head_stride;
-        float *s = w->scores + (long)hd * T, acc[512], m = -INFINITY, sum = 0.f;
-        dot_rows(K, D, q, 0, T, s); /* the keys of one kv head are T contiguous rows */
-        for (int t = 0; t < T; t++) {
-            s[t] *= scale;
-            m = s[t] > m ? s[t] : m;
+    for (int g = 0; g < d->kv_heads; g++) {
+        const bf16 *K = L->k_cache + g * d->cache_head_stride, *V = L->v_cache + g * d->cache_head_stride;
+        const int h0 = g * group;
+        float acc[MAX_GROUP * MAX_HEAD_DIM];
+        for (int t0 = 0; t0 < T; t0 += BLOCK) {
+            const int n = T - t0 < BLOCK ? T - t0 : BLOCK;
+            for (int h = 0; h < group; h++)
+                dot_rows(K + (long)t0 * D, D, w->qkv + (long)(h0 + h) * D, 0, n, w->scores + (long)(h0 + h) * T + t0);
         }
-        for (int i = 0; i < D; i++) acc[i] = 0.f;
-        for (int t = 0; t < T; t++) sum += (s[t] = expf(s[t] - m));
-        for (int t = 0; t < T; t++) {
-            const float p = s[t] / sum;
-            for (int i = 0; i < D; i++) acc[i] += p * bf2f(V[(long)t * D + i]);
+        for (int h = 0; h < group; h++) { /* softmax(scores * scale) in float32 */
+            float *s = w->scores + (long)(h0 + h) * T, m = -INFINITY;
+            for (int t = 0; t < T; t++) {
+                s[t] *= scale;
+                m = s[t] > m ? s[t] : m;
+            }
+            exp_shifted(s, T, m);
+            const float inv = 1.f / sum16(s, T);
+            for (int t = 0; t < T; t++) s[t] *= inv;
         }
-        for (int i = 0; i < D; i++) w->att[(long)hd * D + i] = f2bf(acc[i]);
+        for (int t0 = 0; t0 < T; t0 += BLOCK) { /* acc += p * V, CHUNK outputs at a time in registers */
+            const int t1 = T - t0 < BLOCK ? T : t0 + BLOCK;
+            for (int h = 0; h < group; h++) {
+                const float *p = w->scores + (long)(h0 + h) * T;
+                for (int i0 = 0; i0 < D; i0 += CHUNK) {
+                    float *a = acc + h * D + i0, part[CHUNK];
+                    const int c = D - i0 < CHUNK ? D - i0 : CHUNK;
+                    if (t0 == 0) memset(a, 0, sizeof(float) * c);
+                    if (c == CHUNK) {
+                        memcpy(part, a, sizeof part);
+                        for (int t = t0; t < t1; t++)
+                            for (int i = 0; i < CHUNK; i++) part[i] += p[t] * bf2f(V[(long)t * D + i0 + i]);
+                        memcpy(a, part, sizeof part);
+                    } else {
+                        for (int t = t0; t < t1; t++)
+                            for (int i = 0; i < c; i++) a[i] += p[t] * bf2f(V[(long)t * D + i0 + i]);
+                    }
+                }
+            }
+        }
+        for (int h = 0; h < group; h++)
+            for (int i = 0; i < D; i++) w->att[(long)(h0 + h) * D + i] = f2bf(acc[h * D + i]);
     }
 }
 
@@ -233,7 +295,7 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
     const int H = d->hidden, D = d->head_dim, F = d->ffn, qn = d->heads * D, kn = d->kv_heads * D;
     long r0, r1;
 #pragma omp single
-    layer_norm(x, L->ln1_w, L->ln1_b, H, d->eps, w->h);
+    layer_norm(x, L->ln1_w, L->ln1_b, H, d->eps, w->tmp, w->h);
     /* q, k, v */
     linear_rows(L->wq, L->bq, w->h, qn, H, w->tmp, w->qkv);
     linear_rows(L->wk, L->bk, w->h, kn, H, w->tmp + qn, w->qkv + qn);
@@ -256,7 +318,7 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
 #pragma omp barrier
 #pragma omp single
     {
-        layer_norm(x, L->ln2_w, L->ln2_b, H, d->eps, w->h);
+        layer_norm(x, L->ln2_w, L->ln2_b, H, d->eps, w->tmp, w->h);
         dot_rows(L->gate, H, w->h, 0, d->experts, w->router);
         for (int e = 0; e < d->experts; e++) w->router[e] = rb(w->router[e]);
         phimoe_sparsemixer(w->router, d->experts, d->top_k, d->jitter_eps, w->chosen, w->weights);
@@ -322,7 +384,7 @@ void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int posit
     w.qkv = (bf16 *)p, p += 2 * qkv;
     w.att = (bf16 *)p, p += 2L * d->heads * D;
     w.act = (bf16 *)p;
-    bf16 cos[512], sin[512]; /* as LongRoPE.forward: bf16(cos(position * inv_freq) * mscale) */
+    bf16 cos[MAX_HEAD_DIM], sin[MAX_HEAD_DIM]; /* as LongRoPE.forward: bf16(cos(position * inv_freq) * mscale) */
     for (int i = 0; i < D; i++) {
         float f = (float)position * inv_freq[i % (D / 2)];
         cos[i] = f2bf(cosf(f) * d->mscale);
@@ -332,6 +394,6 @@ void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int posit
     {
         for (int l = 0; l < d->layers; l++) layer_step(d, layers + l, x, T, cos, sin, &w);
 #pragma omp single
-        layer_norm(x, norm_w, norm_b, d->hidden, d->eps, out);
+        layer_norm(x, norm_w, norm_b, d->hidden, d->eps, w.tmp, out);
     }
 }

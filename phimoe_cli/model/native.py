@@ -115,7 +115,8 @@ def supports(model) -> bool:
     from .layers import Experts, Linear
 
     c = model.config
-    if c.hidden_size > 1 << 15 or c.head_dim > 512 or c.num_local_experts > 256 or c.num_experts_per_tok > 64:
+    if (c.head_dim > 512 or c.num_attention_heads // c.num_key_value_heads > 16 or c.num_local_experts > 256
+            or c.num_experts_per_tok > 64):
         return False
     for layer in model.model.layers:
         a, moe = layer.self_attn, layer.block_sparse_moe
