@@ -1,10 +1,10 @@
 /* One token through every PhiMoE decoder layer, in C: the CPU decode step at memory bandwidth.
  *
  * Decoding one token reads each active weight once, so its speed is how fast the weights stream
- * from memory. Here each matrix-vector product streams four rows at a time through bfloat16
- * dot-product instructions (AVX512-BF16), or widens them to float32 for FMA (AVX2), or plain C
- * elsewhere; and the whole step (all layers, the final norm) runs in one OpenMP parallel region,
- * so there is no per-operation dispatch, no allocation and no thread start-up per token.
+ * from memory. Here each matrix-vector product streams its rows one after another, widening
+ * bfloat16 to float32 for FMA (AVX-512, AVX2; elsewhere plain C that the compiler vectorises),
+ * and the whole step (all layers, the final norm) runs in one OpenMP parallel region, so there
+ * is no per-operation dispatch, no allocation and no thread start-up per token.
  *
  * Numerics follow the eager bfloat16 reference operation for operation: every product is summed
  * in float32 and rounded once to bfloat16, and every elementwise step (rotary, residual adds,
@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -42,8 +42,8 @@ static inline float rb(float f) { return bf2f(f2bf(f)); } /* f rounded to bfloat
 
 /* ------------------------------------------------------------------- y[i] = W[i, :] . x */
 const char *phimoe_native_isa(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    return "avx512_bf16";
+#if defined(__AVX512F__)
+    return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
 #else
@@ -53,37 +53,32 @@ const char *phimoe_native_isa(void) {
 
 /* rows r0..r1 of W [*, K] (bfloat16, row-major) times x (bfloat16 [K]), in float32.
  * One row at a time, front to back: a single sequential stream, which the hardware prefetcher
- * follows at full bandwidth (four rows interleaved measured ~40% slower here). Sixteen
- * independent accumulators (1 KiB of the row per iteration) keep enough loads in flight: on
- * 1600-row matrices they read 12% faster than four (benchmarks/README.md). */
+ * follows at full bandwidth (four rows interleaved measured ~40% slower here). Each bfloat16 is
+ * widened to float32 (a shift) and multiplied with FMA into eight independent sums. The products
+ * are exact, as with bfloat16 dot-product instructions, but AVX512-BF16's vdpbf16ps read only
+ * 42 GB/s where this reads 55 on the same memory (benchmarks/README.md). */
 static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
     long i = r0;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define DOT(acc, off) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + k + (off)), \
-                                             (__m512bh)_mm512_loadu_si512(x + k + (off)))
-    const long k16 = K & ~511L, k4 = K & ~127L, k1 = K & ~31L;
-    const __mmask32 tail = (__mmask32)((1ULL << (K - k1)) - 1);
+#if defined(__AVX512F__)
+#define LOAD16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define DOT(acc, off) acc = _mm512_fmadd_ps(LOAD16(w + k + (off)), LOAD16(x + k + (off)), acc)
+    const long k8 = K & ~127L, k1 = K & ~15L;
     for (; i < r1; i++) {
         const bf16 *w = W + i * K;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
         long k = 0;
-        for (; k < k16; k += 512) {
-            DOT(a0, 0), DOT(a1, 32), DOT(a2, 64), DOT(a3, 96), DOT(a4, 128), DOT(a5, 160), DOT(a6, 192), DOT(a7, 224);
-            DOT(b0, 256), DOT(b1, 288), DOT(b2, 320), DOT(b3, 352), DOT(b4, 384), DOT(b5, 416), DOT(b6, 448), DOT(b7, 480);
+        for (; k < k8; k += 128) {
+            DOT(a0, 0), DOT(a1, 16), DOT(a2, 32), DOT(a3, 48), DOT(a4, 64), DOT(a5, 80), DOT(a6, 96), DOT(a7, 112);
         }
-        for (; k < k4; k += 128) DOT(a0, 0), DOT(a1, 32), DOT(a2, 64), DOT(a3, 96);
-        for (; k < k1; k += 32) DOT(a4, 0);
-        if (tail)
-            a5 = _mm512_dpbf16_ps(a5, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k),
-                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k));
-        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(b0, b4));
-        a1 = _mm512_add_ps(_mm512_add_ps(a1, a5), _mm512_add_ps(b1, b5));
-        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(b2, b6));
-        a3 = _mm512_add_ps(_mm512_add_ps(a3, a7), _mm512_add_ps(b3, b7));
-        y[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        for (; k < k1; k += 16) DOT(a0, 0);
+        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(a1, a5));
+        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(a3, a7));
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a2));
+        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        y[i] = t;
     }
 #undef DOT
+#undef LOAD16
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define DOT(acc, off) acc = _mm256_fmadd_ps(LOAD8(w + k + (off)), LOAD8(x + k + (off)), acc)
@@ -107,10 +102,14 @@ static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, flo
 #undef DOT
 #undef LOAD8
 #endif
-    for (; i < r1; i++) { /* the generic build */
+    for (; i < r1; i++) { /* the generic build: 16 independent sums, which the compiler vectorises */
         const bf16 *w = W + i * K;
-        float t = 0.f;
-        for (long k = 0; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        float part[16] = {0}, t = 0.f;
+        long k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; j++) part[j] += bf2f(w[k + j]) * bf2f(x[k + j]);
+        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        for (int j = 0; j < 16; j++) t += part[j];
         y[i] = t;
     }
 }
