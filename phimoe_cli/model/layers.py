@@ -76,8 +76,10 @@ class Linear(nn.Linear):
     native = None  # the C library (native.py), for one bfloat16 row; set by use_decode_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return native.linear(self.native, x, self.weight, self.bias)
+        w = self.weight
+        if (self.native is not None and x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.bfloat16
+                and x.device.type == w.device.type == "cpu" and w.is_contiguous()):
+            return native.linear(self.native, x, w, self.bias)
         return linear(x, self.weight, self.bias, self.fast)
 
 

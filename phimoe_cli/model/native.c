@@ -131,8 +131,8 @@ static void linear_rows(const bf16 *W, const bf16 *b, const bf16 *x, long n, lon
     for (long i = r0; i < r1; i++) y[i] = f2bf(b ? tmp[i] + bf2f(b[i]) : tmp[i]);
 }
 
-void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n, long k, float *tmp) {
-#pragma omp parallel
+void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n, long k, float *tmp, int threads) {
+#pragma omp parallel num_threads(threads)
     linear_rows(W, b, x, n, k, tmp, y);
 }
 
@@ -366,10 +366,11 @@ long phimoe_scratch_bytes(const Dims *d, long T) {
 }
 
 /* x [hidden] (bfloat16, updated in place) through every layer for the token at cache row T - 1
- * and rotary position `position`; the final layer norm's output goes to `out`.
+ * and rotary position `position`; the final layer norm's output goes to `out`. `threads`: as many
+ * as torch.get_num_threads() (OpenMP's default is per calling thread, torch's is global).
  * inv_freq [head_dim / 2]: the rotary frequencies (short or long factors) in float32. */
 void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int position, const float *inv_freq,
-                   const bf16 *norm_w, const bf16 *norm_b, bf16 *out, void *scratch) {
+                   const bf16 *norm_w, const bf16 *norm_b, bf16 *out, void *scratch, int threads) {
     const int D = d->head_dim;
     long qkv = (long)(d->heads + 2 * d->kv_heads) * D;
     Work w;
@@ -389,7 +390,7 @@ void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int posit
         cos[i] = f2bf(cosf(f) * d->mscale);
         sin[i] = f2bf(sinf(f) * d->mscale);
     }
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         for (int l = 0; l < d->layers; l++) layer_step(d, layers + l, x, T, cos, sin, &w);
 #pragma omp single

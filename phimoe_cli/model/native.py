@@ -82,9 +82,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_decode.restype = None
     lib.phimoe_decode.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Layer), ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_void_p]
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.phimoe_linear.restype = None
-    lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -129,7 +129,8 @@ def supports(model) -> bool:
 
 class Decoder:
     """Runs ``PhimoeModel``'s one-token steps through the C library: holds the layer pointers
-    (rebuilt when the cache moves) and the scratch memory."""
+    (rebuilt when the cache moves) and the scratch memory. It keeps the weight tensors it points
+    to alive; after replacing a model's weights, call ``use_decode_kernel`` again."""
 
     def __init__(self, model, lib: ctypes.CDLL):
         self.model, self.lib = model, lib
@@ -138,23 +139,34 @@ class Decoder:
         self.dims = Dims(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                          c.intermediate_size, c.num_local_experts, moe.top_k, c.num_hidden_layers,
                          c.rms_norm_eps, moe.jitter_eps, 1.0, 0)
+        self.weights = []
+        for layer in model.layers:
+            a, moe, e = layer.self_attn, layer.block_sparse_moe, layer.block_sparse_moe.experts
+            self.weights.append((layer.input_layernorm.weight, layer.input_layernorm.bias,
+                                 a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                                 a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
+                                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
+                                 moe.gate.weight, e.w1, e.w2, e.w3))
+        self.norm = (model.norm.weight, model.norm.bias)
+        rope = model.rotary_emb
+        self.inv_freq = {False: rope.short_inv_freq.float().contiguous(), True: rope.long_inv_freq.float().contiguous()}
+        self.mscale = {False: rope.short_mscale, True: rope.long_mscale}
         self.layers = (Layer * c.num_hidden_layers)()
         self._cache_key = None
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
+    @staticmethod
+    def accepts(x: torch.Tensor, cache) -> bool:
+        """Whether this step can run here: one bfloat16 sequence, on the CPU."""
+        return x.device.type == "cpu" and cache.k.dtype == torch.bfloat16 and cache.batch_size == 1
+
     def _bind(self, cache) -> None:
-        key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape)
+        key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k.stride())
         if key == self._cache_key:
             return
         self.dims.cache_head_stride = cache.k.stride(2)
-        for i, layer in enumerate(self.model.layers):
-            a, moe, e = layer.self_attn, layer.block_sparse_moe, layer.block_sparse_moe.experts
-            tensors = (layer.input_layernorm.weight, layer.input_layernorm.bias,
-                       a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                       a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
-                       layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
-                       moe.gate.weight, e.w1, e.w2, e.w3, cache.k[i, 0], cache.v[i, 0])
-            self.layers[i] = Layer(*(_ptr(t) for t in tensors))
+        for i, tensors in enumerate(self.weights):
+            self.layers[i] = Layer(*(_ptr(t) for t in tensors), cache.k[i, 0].data_ptr(), cache.v[i, 0].data_ptr())
         need = self.lib.phimoe_scratch_bytes(ctypes.byref(self.dims), cache.k.shape[3])
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8)
@@ -164,21 +176,20 @@ class Decoder:
         """x [1, 1, hidden] (the token's embedding) through every layer and the final norm; the
         token's keys and values go to cache row ``start``."""
         self._bind(cache)
-        rope, norm = self.model.rotary_emb, self.model.norm
-        self.dims.mscale = rope.long_mscale if long else rope.short_mscale
-        inv_freq = (rope.long_inv_freq if long else rope.short_inv_freq).float().contiguous()
+        self.dims.mscale = self.mscale[long]
         x = x.contiguous()
         out = torch.empty_like(x)
         self.lib.phimoe_decode(ctypes.byref(self.dims), self.layers, x.data_ptr(), start + 1, position,
-                               inv_freq.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(),
-                               out.data_ptr(), self._scratch.data_ptr())
+                               self.inv_freq[long].data_ptr(), self.norm[0].data_ptr(), self.norm[1].data_ptr(),
+                               out.data_ptr(), self._scratch.data_ptr(), torch.get_num_threads())
         return out
 
 
 def linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of one bfloat16 row by the C kernel."""
+    """``F.linear`` of one bfloat16 row by the C kernel (weight: contiguous, on the CPU)."""
     n, k = weight.shape
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     tmp = torch.empty(n, dtype=torch.float32)
-    lib.phimoe_linear(weight.data_ptr(), _ptr(bias), x.contiguous().data_ptr(), y.data_ptr(), n, k, tmp.data_ptr())
+    lib.phimoe_linear(weight.data_ptr(), _ptr(bias), x.contiguous().data_ptr(), y.data_ptr(), n, k, tmp.data_ptr(),
+                      torch.get_num_threads())
     return y

@@ -76,7 +76,8 @@ class PhimoeModel(nn.Module):
 
         mask = self._mask(b, s, start, valid, input_ids.device)
         x = self.embed_tokens(input_ids)
-        if self.native is not None and b * s == 1 and mask is None and cache is not None and start > 0:
+        if (self.native is not None and b * s == 1 and mask is None and cache is not None and start > 0
+                and self.native.accepts(x, cache)):
             x = self.native(x, cache, start, int(position_ids.reshape(-1)[0]), long)
             cache.length = start + s
             return x
