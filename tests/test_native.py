@@ -60,6 +60,24 @@ def test_linear_is_the_float32_sum_rounded_once(lib, n, k, bias):
     assert (err <= bound).all(), (err - bound).max()
 
 
+@pytest.mark.parametrize("n, k", [(37, 100), (64, 1600), (9, 600), (5, 8), (70, 544)])
+def test_int8_linear_matches_torchs_int8_kernel(lib, n, k):
+    """int8 rows with float32 row scales, as the int8 experts store them: what torch's
+    ``_weight_int8pack_mm`` computes (which the eager int8 path uses), up to summation order."""
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.02
+    x = torch.randn(1, 1, k, generator=g).bfloat16()
+    y = native.linear_int8(lib, x, q, scale)
+    ref = torch._weight_int8pack_mm(x.reshape(1, k), q, scale.bfloat16()).reshape(1, 1, n)
+    exact = (x.double().reshape(1, k) @ q.double().t()) * scale.bfloat16().double()
+    assert y.dtype == torch.bfloat16
+    bound = 2.0**-8 * exact.abs() + 1e-6 * k * (x.double().abs().reshape(1, k) @ q.double().abs().t()) * scale.double()
+    assert ((y.double().reshape(1, n) - exact).abs() <= bound).all()
+    if k % 16 == 0:  # torch's kernel is wrong for other widths (quant._int8_kernel_applies)
+        assert ((y.float() - ref.float()).abs() <= 2 * bound.float().reshape(1, 1, n)).all()
+
+
 def sparsemixer_c(lib, scores: torch.Tensor, top_k: int, jitter_eps: float):
     n = scores.numel()
     s = scores.float().contiguous()
@@ -133,10 +151,10 @@ def decode(model, x, prefix):
     return torch.cat(steps, dim=1)[:, prefix:].float()
 
 
-def _models(path, lib, kinds=("native", "eager")):
+def _models(path, lib, kinds=("native", "eager"), quantize="none"):
     out = {}
     for kind in kinds:
-        m = load_model(path, dtype=torch.bfloat16)
+        m = load_model(path, dtype=torch.bfloat16, quantize=quantize)
         m.use_decode_kernel(kind)
         if kind == "native":  # this variant of the library, not the default build
             m.model.native = native.Decoder(m.model, lib)
@@ -167,6 +185,19 @@ def test_decode_agrees_with_the_reference_as_well_as_eager_bfloat16(ckpts, lib, 
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (eager.argmax(-1) == ref.argmax(-1)).float().mean() - 0.1
 
 
+@pytest.mark.parametrize("name", ["tiny", "wide"])
+def test_int8_experts_decode_as_the_eager_int8_path(ckpts, lib, name):
+    """int8 experts in the C step against the eager int8 model (torch's int8 kernel per expert)."""
+    models = _models(ckpts[name], lib, quantize="int8")
+    assert models["native"].model.native is not None
+    x = ids(30, seed=3)
+    got, eager, ref = (decode(models[k], x, 12) for k in ("native", "eager", "float32"))
+    scale = ref.abs().max()
+    close = (got - eager).abs().amax(-1) <= 0.02 * scale
+    assert close.float().mean() >= 0.9
+    assert (got - ref).abs().amax(-1).median() <= 1.5 * (eager - ref).abs().amax(-1).median() + 1e-3 * scale
+
+
 def test_one_and_two_threads_give_identical_tokens(ckpts):
     lib = native.library()
     if lib is None:
@@ -195,7 +226,10 @@ def test_default_kernel_for_bfloat16_and_float32_models(ckpts, monkeypatch):
     assert f32.decode_kernel == "eager" and f32.model.native is None  # float32: not the C step's dtype
     q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="int8")
     q.use_decode_kernel("native")
-    assert q.model.native is None and q.decode_kernel == "compiled"  # quantized experts: per-part kernels
+    assert q.model.native is not None and q.decode_kernel == "native"  # int8 experts: in the C step too
+    q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="nf4")
+    q.use_decode_kernel("native")
+    assert q.model.native is None and q.decode_kernel == "compiled"  # 4-bit experts: per-part kernels
 
 
 def test_without_a_compiler_the_compiled_kernels_take_over(ckpts, monkeypatch, tmp_path):

@@ -136,6 +136,91 @@ void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n,
     linear_rows(W, b, x, n, k, tmp, y);
 }
 
+/* rows r0..r1 of int8 W [*, K] times bfloat16 x, in float32 (the row scales are applied by the
+ * caller): each int8 widened to float32, as the bfloat16 rows are. Products are exact. */
+static void dot_rows_i8(const int8_t *W, long K, const bf16 *x, long r0, long r1, float *y) {
+    long i = r0;
+#if defined(__AVX512F__)
+#define LOAD16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LOADI8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define DOT(acc, off) acc = _mm512_fmadd_ps(LOADI8(w + k + (off)), LOAD16(x + k + (off)), acc)
+    const long k8 = K & ~127L, k1 = K & ~15L;
+    for (; i < r1; i++) {
+        const int8_t *w = W + i * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        long k = 0;
+        for (; k < k8; k += 128) {
+            DOT(a0, 0), DOT(a1, 16), DOT(a2, 32), DOT(a3, 48), DOT(a4, 64), DOT(a5, 80), DOT(a6, 96), DOT(a7, 112);
+        }
+        for (; k < k1; k += 16) DOT(a0, 0);
+        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(a1, a5));
+        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(a3, a7));
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a2));
+        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
+        y[i] = t;
+    }
+#undef DOT
+#undef LOADI8
+#undef LOAD16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LOADI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define DOT(acc, off) acc = _mm256_fmadd_ps(LOADI8(w + k + (off)), LOAD8(x + k + (off)), acc)
+    const long k8 = K & ~63L, k1 = K & ~7L;
+    for (; i < r1; i++) {
+        const int8_t *w = W + i * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        long k = 0;
+        for (; k < k8; k += 64) {
+            DOT(a0, 0), DOT(a1, 8), DOT(a2, 16), DOT(a3, 24), DOT(a4, 32), DOT(a5, 40), DOT(a6, 48), DOT(a7, 56);
+        }
+        for (; k < k1; k += 8) DOT(a0, 0);
+        a0 = _mm256_add_ps(_mm256_add_ps(a0, a4), _mm256_add_ps(a1, a5));
+        a2 = _mm256_add_ps(_mm256_add_ps(a2, a6), _mm256_add_ps(a3, a7));
+        float s[8], t = 0.f;
+        _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
+        for (int j = 0; j < 8; j++) t += s[j];
+        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
+        y[i] = t;
+    }
+#undef DOT
+#undef LOADI8
+#undef LOAD8
+#endif
+    for (; i < r1; i++) { /* the generic build */
+        const int8_t *w = W + i * K;
+        float part[16] = {0}, t = 0.f;
+        long k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; j++) part[j] += (float)w[k + j] * bf2f(x[k + j]);
+        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
+        for (int j = 0; j < 16; j++) t += part[j];
+        y[i] = t;
+    }
+}
+
+/* rows r0..r1 of expert matrix e ([experts, n, K]: bfloat16, or int8 with float32 row scales)
+ * times x, in float32; int8 rows are scaled as torch's int8 kernel does: by the scale rounded
+ * to bfloat16 */
+static void expert_rows(const void *W, const float *scale, long e, long n, long K, const bf16 *x, long r0, long r1, float *y) {
+    if (!scale) {
+        dot_rows((const bf16 *)W + e * n * K, K, x, r0, r1, y);
+        return;
+    }
+    dot_rows_i8((const int8_t *)W + e * n * K, K, x, r0, r1, y);
+    for (long i = r0; i < r1; i++) y[i] *= rb(scale[e * n + i]);
+}
+
+void phimoe_linear_int8(const int8_t *W, const float *scale, const bf16 *x, bf16 *y, long n, long k, float *tmp, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        long r0, r1;
+        share(n, &r0, &r1);
+        expert_rows(W, scale, 0, n, k, x, r0, r1, tmp);
+        for (long i = r0; i < r1; i++) y[i] = f2bf(tmp[i]);
+    }
+}
+
 /* ------------------------------------------------------------------------- the decoder layer */
 typedef struct {
     int hidden, heads, kv_heads, head_dim, ffn, experts, top_k, layers;
@@ -145,8 +230,10 @@ typedef struct {
 
 typedef struct {
     const bf16 *ln1_w, *ln1_b, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
-    const bf16 *ln2_w, *ln2_b, *gate, *w1, *w2, *w3;
-    bf16 *k_cache, *v_cache; /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
+    const bf16 *ln2_w, *ln2_b, *gate;
+    const void *w1, *w2, *w3;  /* the stacked experts: bfloat16, or int8 with row scales s1..s3 */
+    const float *s1, *s2, *s3; /* NULL for bfloat16 experts */
+    bf16 *k_cache, *v_cache;   /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
 } Layer;
 
 /* float32 sum of n values, in 16 interleaved partial sums (vectorised; torch's order differs too) */
@@ -327,8 +414,8 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
     for (int k = 0; k < d->top_k; k++) {
         const long e = w->chosen[k];
         float *g = w->tmp + 2L * k * F, *u = g + F;
-        dot_rows(L->w1 + e * F * H, H, w->h, r0, r1, g);
-        dot_rows(L->w3 + e * F * H, H, w->h, r0, r1, u);
+        expert_rows(L->w1, L->s1, e, F, H, w->h, r0, r1, g);
+        expert_rows(L->w3, L->s3, e, F, H, w->h, r0, r1, u);
         for (long i = r0; i < r1; i++) w->act[(long)k * F + i] = f2bf(rb(silu(rb(g[i]))) * rb(u[i]));
     }
 #pragma omp barrier
@@ -344,7 +431,7 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
     for (int j = 0; j < d->top_k; j++) {
         const int k = order[j];
         const long e = w->chosen[k];
-        dot_rows(L->w2 + e * H * F, F, w->act + (long)k * F, r0, r1, y + (long)j * H);
+        expert_rows(L->w2, L->s2, e, H, F, w->act + (long)k * F, r0, r1, y + (long)j * H);
     }
     for (long i = r0; i < r1; i++) {
         float sum = 0.f;

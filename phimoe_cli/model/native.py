@@ -38,7 +38,7 @@ class Dims(ctypes.Structure):
 
 
 LAYER_FIELDS = ("ln1_w", "ln1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
-                "ln2_w", "ln2_b", "gate", "w1", "w2", "w3", "k_cache", "v_cache")
+                "ln2_w", "ln2_b", "gate", "w1", "w2", "w3", "s1", "s2", "s3", "k_cache", "v_cache")
 
 
 class Layer(ctypes.Structure):
@@ -83,6 +83,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_decode.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Layer), ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_linear_int8.restype = None
+    lib.phimoe_linear_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.phimoe_linear.restype = None
     lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -109,22 +111,43 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def expert_tensors(experts) -> tuple | None:
+    """(w1, w2, w3, s1, s2, s3) of a layer's experts as the C step reads them: bfloat16 stacks and
+    no scales, or int8 stacks and their float32 row scales; None for anything else."""
+    from .layers import Experts
+    from .quant import QuantizedExperts
+
+    if type(experts) is Experts:
+        stacks = (experts.w1, experts.w2, experts.w3)
+        return (*stacks, None, None, None) if all(w.dtype == torch.bfloat16 for w in stacks) else None
+    if type(experts) is QuantizedExperts and experts.w1.quant_type == "int8":
+        m = (experts.w1, experts.w2, experts.w3)
+        if all(q.qweight.dtype == torch.int8 and q.scale.dtype == torch.float32 for q in m):
+            return (*(q.qweight for q in m), *(q.scale for q in m))
+    return None
+
+
 def supports(model) -> bool:
-    """Whether the C step can run this model's one-token steps: bfloat16 weights on the CPU,
-    contiguous, every layer plain (not quantized, not offloaded)."""
-    from .layers import Experts, Linear
+    """Whether the C step can run this model's one-token steps: on the CPU, contiguous, bfloat16
+    attention/norms/router, plain attention projections, and bfloat16 or int8 experts (not 4-bit,
+    not offloaded)."""
+    from .layers import Linear
 
     c = model.config
     if (c.head_dim > 512 or c.num_attention_heads // c.num_key_value_heads > 16 or c.num_local_experts > 256
             or c.num_experts_per_tok > 64):
         return False
+    tensors = [p for name, p in model.model.named_parameters() if ".experts." not in name]
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        return False
     for layer in model.model.layers:
         a, moe = layer.self_attn, layer.block_sparse_moe
-        plain = [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
-        if any(type(p) is not Linear for p in plain) or type(moe.experts) is not Experts or type(moe.gate) is not torch.nn.Linear:
+        experts = expert_tensors(moe.experts)
+        if experts is None or type(moe.gate) is not torch.nn.Linear or any(
+                type(p) is not Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
             return False
-    tensors = [p for p in model.model.parameters()]
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        tensors += [t for t in experts if t is not None]
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 class Decoder:
@@ -141,12 +164,12 @@ class Decoder:
                          c.rms_norm_eps, moe.jitter_eps, 1.0, 0)
         self.weights = []
         for layer in model.layers:
-            a, moe, e = layer.self_attn, layer.block_sparse_moe, layer.block_sparse_moe.experts
+            a, moe = layer.self_attn, layer.block_sparse_moe
             self.weights.append((layer.input_layernorm.weight, layer.input_layernorm.bias,
                                  a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
                                  a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
                                  layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
-                                 moe.gate.weight, e.w1, e.w2, e.w3))
+                                 moe.gate.weight, *expert_tensors(moe.experts)))
         self.norm = (model.norm.weight, model.norm.bias)
         rope = model.rotary_emb
         self.inv_freq = {False: rope.short_inv_freq.float().contiguous(), True: rope.long_inv_freq.float().contiguous()}
@@ -183,6 +206,16 @@ class Decoder:
                                self.inv_freq[long].data_ptr(), self.norm[0].data_ptr(), self.norm[1].data_ptr(),
                                out.data_ptr(), self._scratch.data_ptr(), torch.get_num_threads())
         return out
+
+
+def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 row times an int8 matrix with float32 row scales, as ``_weight_int8pack_mm``."""
+    n, k = qweight.shape
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    tmp = torch.empty(n, dtype=torch.float32)
+    lib.phimoe_linear_int8(qweight.data_ptr(), scale.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), n, k,
+                           tmp.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,9 +8,10 @@ also does q/k/v/o); the router, norms, embeddings and ``lm_head`` stay in the co
 * ``nf4`` / ``fp4``: bitsandbytes' 4-bit formats, two weights a byte plus one float32 absmax per
   64-weight block.
 
-Compute: int8 on CPU uses torch's weight-only int8 kernel (``_weight_int8pack_mm``), which reads
-the int8 weights directly — measured here it is faster than a bf16 matmul for decoding. 4-bit
-weights, and int8 elsewhere, are dequantized per expert and multiplied in the compute dtype.
+Compute: int8 experts of a bfloat16 model decode in the C step (native.py), which reads the int8
+weights directly. Elsewhere int8 on CPU uses torch's weight-only int8 kernel
+(``_weight_int8pack_mm``), also reading int8 directly. 4-bit weights, and int8 elsewhere, are
+dequantized per expert and multiplied in the compute dtype.
 """
 
 from __future__ import annotations
@@ -96,10 +97,12 @@ class QuantizedMatrices(nn.Module):
 
 def _int8_kernel_applies(x: torch.Tensor) -> bool:
     # weight-only int8 kernel: CPU, half-precision activations, few rows (decode); for long
-    # prefills a dequantized matmul is faster
+    # prefills a dequantized matmul is faster. Its inner dimension must be a multiple of 16:
+    # torch 2.13's kernel returned garbage for 8, 100, 200 and 600 (measured; 16..1600 in steps of
+    # 16 were right), which the published shapes (4096, 6400) never hit
     return (
         x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-        and x.numel() // x.shape[-1] <= 8 and hasattr(torch, "_weight_int8pack_mm")
+        and x.numel() // x.shape[-1] <= 8 and x.shape[-1] % 16 == 0 and hasattr(torch, "_weight_int8pack_mm")
     )
 
 
