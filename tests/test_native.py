@@ -131,9 +131,11 @@ def test_sparsemixer_matches_the_python_one_exactly(lib):
 def ckpts(tmp_path_factory):
     """The tiny test model, and one whose widths hit every unrolled loop and tail of the kernel."""
     wide = make_config(11, hidden_size=544, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
+    gqa4 = make_config(12, hidden_size=256, num_attention_heads=4, num_key_value_heads=1)  # as published: 4 per kv head
     return {
         "tiny": write_checkpoint(tmp_path_factory.mktemp("tiny"), shards=1, seed=0),
         "wide": write_checkpoint(tmp_path_factory.mktemp("wide"), wide, shards=2, seed=11),
+        "gqa4": write_checkpoint(tmp_path_factory.mktemp("gqa4"), gqa4, shards=1, seed=12),
     }
 
 
@@ -167,11 +169,12 @@ def _models(path, lib, kinds=("native", "eager"), quantize="none"):
     return out
 
 
-@pytest.mark.parametrize("name, n, prefix", [("tiny", 40, 20), ("wide", 30, 10), ("tiny", 80, 58)])
+@pytest.mark.parametrize("name, n, prefix", [("tiny", 40, 20), ("wide", 30, 10), ("tiny", 80, 58), ("gqa4", 110, 70)])
 def test_decode_agrees_with_the_reference_as_well_as_eager_bfloat16(ckpts, lib, name, n, prefix):
     """Against the float32 model, the C step's error is no larger than the eager bfloat16 path's
     (both round the same operations to bfloat16), and it picks the same greedy tokens.
-    ``tiny`` 80/58 crosses LongRoPE's original_max_position_embeddings (64) while decoding."""
+    ``tiny`` 80/58 crosses LongRoPE's original_max_position_embeddings (64) while decoding;
+    ``gqa4`` (four query heads per kv head, head_dim 64) takes the four-heads-at-once attention."""
     models = _models(ckpts[name], lib)
     x = ids(n, seed=n)
     got, eager, ref = (decode(models[k], x, prefix) for k in ("native", "eager", "float32"))
