@@ -51,67 +51,86 @@ const char *phimoe_native_isa(void) {
 #endif
 }
 
-/* rows r0..r1 of W [*, K] (bfloat16, row-major) times x (bfloat16 [K]), in float32.
+/* The vector unit: AVX-512 (16 floats), AVX2 + FMA (8), or none (plain C, which the compiler
+ * vectorises where it can). WIDEN_BF16 / WIDEN_I8 load VL weights and widen them to float32:
+ * exactly, so every product below is exact and only the float32 sums round. */
+#if defined(__AVX512F__)
+#define VL 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define WIDEN_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define WIDEN_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define WIDEN_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define WIDEN_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+static inline float vsum(vf v) {
+    float s[8], t = 0.f;
+    _mm256_storeu_ps(s, v);
+    for (int j = 0; j < 8; j++) t += s[j];
+    return t;
+}
+#endif
+
+/* y[i] = W[i, :] . x for rows r0..r1 of W [*, K] (row-major, weights of type WT, each widened by
+ * WIDEN, or by TO_F one at a time) and bfloat16 x [K], in float32.
  * One row at a time, front to back: a single sequential stream, which the hardware prefetcher
- * follows at full bandwidth (four rows interleaved measured ~40% slower here). Each bfloat16 is
- * widened to float32 (a shift) and multiplied with FMA into eight independent sums. The products
- * are exact, as with bfloat16 dot-product instructions, but AVX512-BF16's vdpbf16ps read only
- * 42 GB/s where this reads 55 on the same memory (benchmarks/README.md). */
+ * follows at full bandwidth (four rows interleaved measured ~40% slower here), into eight
+ * independent sums. Widening bf16 to float32 and FMA read 55 GB/s where AVX512-BF16's vdpbf16ps
+ * read 42 on the same memory (benchmarks/README.md). */
+#ifdef VL
+#define DOT_ROWS(WT, WIDEN, TO_F)                                                                       \
+    for (; i < r1; i++) {                                                                              \
+        const WT *w = W + i * K;                                                                       \
+        vf a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;                \
+        long k = 0;                                                                                    \
+        for (; k + 8 * VL <= K; k += 8 * VL) {                                                         \
+            a0 = VFMA(WIDEN(w + k), WIDEN_BF16(x + k), a0);                                            \
+            a1 = VFMA(WIDEN(w + k + VL), WIDEN_BF16(x + k + VL), a1);                                  \
+            a2 = VFMA(WIDEN(w + k + 2 * VL), WIDEN_BF16(x + k + 2 * VL), a2);                          \
+            a3 = VFMA(WIDEN(w + k + 3 * VL), WIDEN_BF16(x + k + 3 * VL), a3);                          \
+            a4 = VFMA(WIDEN(w + k + 4 * VL), WIDEN_BF16(x + k + 4 * VL), a4);                          \
+            a5 = VFMA(WIDEN(w + k + 5 * VL), WIDEN_BF16(x + k + 5 * VL), a5);                          \
+            a6 = VFMA(WIDEN(w + k + 6 * VL), WIDEN_BF16(x + k + 6 * VL), a6);                          \
+            a7 = VFMA(WIDEN(w + k + 7 * VL), WIDEN_BF16(x + k + 7 * VL), a7);                          \
+        }                                                                                              \
+        for (; k + VL <= K; k += VL) a0 = VFMA(WIDEN(w + k), WIDEN_BF16(x + k), a0);                   \
+        float t = vsum(VADD(VADD(VADD(a0, a4), VADD(a1, a5)), VADD(VADD(a2, a6), VADD(a3, a7))));      \
+        for (; k < K; k++) t += TO_F(w[k]) * bf2f(x[k]);                                               \
+        y[i] = t;                                                                                      \
+    }
+#else /* plain C: sixteen independent sums, which the compiler vectorises */
+#define DOT_ROWS(WT, WIDEN, TO_F)                                                                       \
+    for (; i < r1; i++) {                                                                              \
+        const WT *w = W + i * K;                                                                       \
+        float part[16] = {0}, t = 0.f;                                                                 \
+        long k = 0;                                                                                    \
+        for (; k + 16 <= K; k += 16)                                                                   \
+            for (int j = 0; j < 16; j++) part[j] += TO_F(w[k + j]) * bf2f(x[k + j]);                   \
+        for (; k < K; k++) t += TO_F(w[k]) * bf2f(x[k]);                                               \
+        for (int j = 0; j < 16; j++) t += part[j];                                                     \
+        y[i] = t;                                                                                      \
+    }
+#endif
+
+static inline float i8f(int8_t v) { return (float)v; }
+
 static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
     long i = r0;
-#if defined(__AVX512F__)
-#define LOAD16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define DOT(acc, off) acc = _mm512_fmadd_ps(LOAD16(w + k + (off)), LOAD16(x + k + (off)), acc)
-    const long k8 = K & ~127L, k1 = K & ~15L;
-    for (; i < r1; i++) {
-        const bf16 *w = W + i * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        long k = 0;
-        for (; k < k8; k += 128) {
-            DOT(a0, 0), DOT(a1, 16), DOT(a2, 32), DOT(a3, 48), DOT(a4, 64), DOT(a5, 80), DOT(a6, 96), DOT(a7, 112);
-        }
-        for (; k < k1; k += 16) DOT(a0, 0);
-        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(a1, a5));
-        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(a3, a7));
-        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a2));
-        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
-        y[i] = t;
-    }
-#undef DOT
-#undef LOAD16
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define DOT(acc, off) acc = _mm256_fmadd_ps(LOAD8(w + k + (off)), LOAD8(x + k + (off)), acc)
-    const long k8 = K & ~63L, k1 = K & ~7L;
-    for (; i < r1; i++) {
-        const bf16 *w = W + i * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        long k = 0;
-        for (; k < k8; k += 64) {
-            DOT(a0, 0), DOT(a1, 8), DOT(a2, 16), DOT(a3, 24), DOT(a4, 32), DOT(a5, 40), DOT(a6, 48), DOT(a7, 56);
-        }
-        for (; k < k1; k += 8) DOT(a0, 0);
-        a0 = _mm256_add_ps(_mm256_add_ps(a0, a4), _mm256_add_ps(a1, a5));
-        a2 = _mm256_add_ps(_mm256_add_ps(a2, a6), _mm256_add_ps(a3, a7));
-        float s[8], t = 0.f;
-        _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
-        for (int j = 0; j < 8; j++) t += s[j];
-        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
-        y[i] = t;
-    }
-#undef DOT
-#undef LOAD8
-#endif
-    for (; i < r1; i++) { /* the generic build: 16 independent sums, which the compiler vectorises */
-        const bf16 *w = W + i * K;
-        float part[16] = {0}, t = 0.f;
-        long k = 0;
-        for (; k + 16 <= K; k += 16)
-            for (int j = 0; j < 16; j++) part[j] += bf2f(w[k + j]) * bf2f(x[k + j]);
-        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
-        for (int j = 0; j < 16; j++) t += part[j];
-        y[i] = t;
-    }
+    DOT_ROWS(bf16, WIDEN_BF16, bf2f)
+}
+
+/* int8 rows (their scales are applied by the caller) */
+static void dot_rows_i8(const int8_t *W, long K, const bf16 *x, long r0, long r1, float *y) {
+    long i = r0;
+    DOT_ROWS(int8_t, WIDEN_I8, i8f)
 }
 
 /* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
@@ -134,69 +153,6 @@ static void linear_rows(const bf16 *W, const bf16 *b, const bf16 *x, long n, lon
 void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n, long k, float *tmp, int threads) {
 #pragma omp parallel num_threads(threads)
     linear_rows(W, b, x, n, k, tmp, y);
-}
-
-/* rows r0..r1 of int8 W [*, K] times bfloat16 x, in float32 (the row scales are applied by the
- * caller): each int8 widened to float32, as the bfloat16 rows are. Products are exact. */
-static void dot_rows_i8(const int8_t *W, long K, const bf16 *x, long r0, long r1, float *y) {
-    long i = r0;
-#if defined(__AVX512F__)
-#define LOAD16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define LOADI8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define DOT(acc, off) acc = _mm512_fmadd_ps(LOADI8(w + k + (off)), LOAD16(x + k + (off)), acc)
-    const long k8 = K & ~127L, k1 = K & ~15L;
-    for (; i < r1; i++) {
-        const int8_t *w = W + i * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        long k = 0;
-        for (; k < k8; k += 128) {
-            DOT(a0, 0), DOT(a1, 16), DOT(a2, 32), DOT(a3, 48), DOT(a4, 64), DOT(a5, 80), DOT(a6, 96), DOT(a7, 112);
-        }
-        for (; k < k1; k += 16) DOT(a0, 0);
-        a0 = _mm512_add_ps(_mm512_add_ps(a0, a4), _mm512_add_ps(a1, a5));
-        a2 = _mm512_add_ps(_mm512_add_ps(a2, a6), _mm512_add_ps(a3, a7));
-        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a2));
-        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
-        y[i] = t;
-    }
-#undef DOT
-#undef LOADI8
-#undef LOAD16
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define LOADI8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-#define DOT(acc, off) acc = _mm256_fmadd_ps(LOADI8(w + k + (off)), LOAD8(x + k + (off)), acc)
-    const long k8 = K & ~63L, k1 = K & ~7L;
-    for (; i < r1; i++) {
-        const int8_t *w = W + i * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        long k = 0;
-        for (; k < k8; k += 64) {
-            DOT(a0, 0), DOT(a1, 8), DOT(a2, 16), DOT(a3, 24), DOT(a4, 32), DOT(a5, 40), DOT(a6, 48), DOT(a7, 56);
-        }
-        for (; k < k1; k += 8) DOT(a0, 0);
-        a0 = _mm256_add_ps(_mm256_add_ps(a0, a4), _mm256_add_ps(a1, a5));
-        a2 = _mm256_add_ps(_mm256_add_ps(a2, a6), _mm256_add_ps(a3, a7));
-        float s[8], t = 0.f;
-        _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
-        for (int j = 0; j < 8; j++) t += s[j];
-        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
-        y[i] = t;
-    }
-#undef DOT
-#undef LOADI8
-#undef LOAD8
-#endif
-    for (; i < r1; i++) { /* the generic build */
-        const int8_t *w = W + i * K;
-        float part[16] = {0}, t = 0.f;
-        long k = 0;
-        for (; k + 16 <= K; k += 16)
-            for (int j = 0; j < 16; j++) part[j] += (float)w[k + j] * bf2f(x[k + j]);
-        for (; k < K; k++) t += (float)w[k] * bf2f(x[k]);
-        for (int j = 0; j < 16; j++) t += part[j];
-        y[i] = t;
-    }
 }
 
 /* rows r0..r1 of expert matrix e ([experts, n, K]: bfloat16, or int8 with float32 row scales)
@@ -327,8 +283,6 @@ static void exp_shifted(float *v, int n, float m) {
 }
 
 #if defined(__AVX512F__)
-#define WIDEN16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-
 /* the sums of 16 vectors, in order, by a transposing add tree (45 instructions, not 16 x ~10) */
 static inline __m512 sum16x16(const __m512 *a) {
     __m512 b[8], c[4], e[2];
@@ -351,7 +305,7 @@ static void scores4(const bf16 *K, int D, const float *q, int t0, int t1, float 
         for (int r = 0; r < 4; r++) {
             const bf16 *k = K + (long)(t + r) * D;
             for (int c = 0; c < D; c += 16) {
-                const __m512 kv = WIDEN16(k + c);
+                const __m512 kv = WIDEN_BF16(k + c);
                 for (int h = 0; h < 4; h++) a[4 * r + h] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + h * D + c), a[4 * r + h]);
             }
         }
@@ -377,7 +331,7 @@ static void values4(const bf16 *V, int D, const float *p, long stride, int t0, i
             for (int j = 0; j < 4; j++) a[4 * h + j] = _mm512_loadu_ps(acc + h * D + i0 + 16 * j);
         for (int t = t0; t < t1; t++) {
             const bf16 *v = V + (long)t * D + i0;
-            const __m512 v0 = WIDEN16(v), v1 = WIDEN16(v + 16), v2 = WIDEN16(v + 32), v3 = WIDEN16(v + 48);
+            const __m512 v0 = WIDEN_BF16(v), v1 = WIDEN_BF16(v + 16), v2 = WIDEN_BF16(v + 32), v3 = WIDEN_BF16(v + 48);
             for (int h = 0; h < 4; h++) {
                 const __m512 ph = _mm512_set1_ps(p[h * stride + t]);
                 a[4 * h] = _mm512_fmadd_ps(ph, v0, a[4 * h]);
@@ -390,7 +344,6 @@ static void values4(const bf16 *V, int D, const float *p, long stride, int t0, i
             for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + h * D + i0 + 16 * j, a[4 * h + j]);
     }
 }
-#undef WIDEN16
 #endif
 
 /* One query against the cache, per kv head: its group of query heads shares every pass over the
