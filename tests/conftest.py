@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,12 @@ def make_model_dir(path, shards: int = 2, **config):
 def model_dir(tmp_path_factory):
     """A complete tiny checkpoint: hub-layout config, 2 shards + index, tokenizer, generation config."""
     return make_model_dir(tmp_path_factory.mktemp("model") / "phimoe-tiny")
+
+
+def default_sigint() -> None:
+    """preexec_fn for children that are sent Ctrl+C: a shell that starts the tests in the
+    background (``cmd &``) hands them SIGINT ignored, and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 _SCRIPT = Path(sys.executable).parent / "phimoe"

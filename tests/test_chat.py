@@ -14,7 +14,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from conftest import PHIMOE, run_phimoe  # noqa: E402
+from conftest import PHIMOE, default_sigint, run_phimoe  # noqa: E402
 
 from phimoe_cli import transcript as tr  # noqa: E402
 from phimoe_cli.repl import (  # noqa: E402
@@ -38,7 +38,8 @@ class Chat:
             full_env["PHIMOE_NO_HISTORY"] = "1"
         full_env.update(env or {})
         self.child = pexpect.spawn(PHIMOE[0], [*PHIMOE[1:], "chat", "-m", str(model_dir), *map(str, args)],
-                                   env=full_env, dimensions=(40, 120), encoding="utf-8", timeout=120)
+                                   env=full_env, dimensions=(40, 120), encoding="utf-8", timeout=120,
+                                   preexec_fn=default_sigint)
         self.raw = ""
         self.pos = 0
         self.expect(PROMPT)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import PHIMOE, make_model_dir, run_phimoe
+from conftest import PHIMOE, default_sigint, make_model_dir, run_phimoe
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,7 +174,7 @@ def test_missing_model_path_and_bad_checkpoint(tmp_path, model_dir):
 def test_ctrl_c_keeps_the_output_and_exits_130(model_dir):
     proc = subprocess.Popen([*PHIMOE, "generate", "-m", model_dir, "-n", "100000", "--ignore-eos", "Go"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=default_sigint)
     first = proc.stdout.read(1)  # generation has started
     assert first
     time.sleep(0.5)
