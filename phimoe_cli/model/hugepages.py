@@ -16,6 +16,7 @@ import functools
 import math
 import mmap
 import os
+import sys
 
 import torch
 
@@ -25,7 +26,8 @@ MADV_HUGEPAGE = 14
 
 @functools.cache
 def _madvise():
-    if not hasattr(mmap, "MAP_ANONYMOUS") or os.environ.get("PHIMOE_HUGEPAGES", "1") == "0":
+    # MADV_HUGEPAGE (14) is Linux's; elsewhere the same number means something else, or nothing
+    if not sys.platform.startswith("linux") or os.environ.get("PHIMOE_HUGEPAGES", "1") == "0":
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
