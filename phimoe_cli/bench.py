@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from phimoe_cli import __version__
-from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM
-from phimoe_cli.model import hugepages, native
+from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, hugepages, native
 from phimoe_cli.model.kernels import cpuinfo, matvec, prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.offload import available_ram

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 import torch
-
 from checkpoints import make_config, write_checkpoint
+
 from phimoe_cli.model import hugepages, load_model, native, sparsemixer
 from phimoe_cli.model.kernels import cpuinfo
 

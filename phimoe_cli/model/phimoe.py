@@ -14,7 +14,15 @@ from torch import nn
 from . import native
 from .cache import KVCache
 from .config import PhimoeConfig
-from .layers import Attention, DecoderLayer, Experts, Linear, LongRoPE, decode_groups, one_token_layers
+from .layers import (
+    Attention,
+    DecoderLayer,
+    Experts,
+    Linear,
+    LongRoPE,
+    decode_groups,
+    one_token_layers,
+)
 
 
 class PhimoeModel(nn.Module):
