@@ -156,7 +156,7 @@ class Decoder:
     to alive; after replacing a model's weights, call ``use_decode_kernel`` again."""
 
     def __init__(self, model, lib: ctypes.CDLL):
-        self.model, self.lib = model, lib
+        self.lib = lib
         c = model.config
         moe = model.layers[0].block_sparse_moe
         self.dims = Dims(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
