@@ -126,6 +126,7 @@ def test_config_validation_names_the_field(tmp_path, change, field):
 
 
 # ----------------------------------------------------------------------------------- parity
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_logits_match_transformers(ours, ref):
     x = ids(48)
     with torch.no_grad():
@@ -162,6 +163,7 @@ def test_padded_row_equals_unpadded_row(ours):
     assert (a - b).abs().max().item() < ATOL
 
 
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_prefill_then_decode_equals_full_forward(ours, ref):
     x = ids(50, seed=3)
     with torch.no_grad():
@@ -305,6 +307,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- dtypes
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_auto_dtype_and_bfloat16(tmp_path, ours):
     path = write_checkpoint(tmp_path, make_config(), dtype=torch.bfloat16, shards=2)
     auto = load_model(path, dtype="auto")

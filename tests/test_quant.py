@@ -43,6 +43,7 @@ def dequantized_reference(path, quant: str, dtype):
     return model
 
 
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 @pytest.mark.parametrize("quant", ["int8", "nf4", "fp4"])
 def test_quantized_model_computes_with_the_dequantized_weights(model_dir, quant):
     x = ids(24)
@@ -59,6 +60,7 @@ def test_quantized_model_computes_with_the_dequantized_weights(model_dir, quant)
     assert not any(p.is_floating_point() and p.dim() == 3 for p in q.parameters())
 
 
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_int8_bf16_decode_kernel_matches_dequantized_matmul(model_dir):
     """The CPU weight-only int8 kernel (decode) against the dequantized bf16 matmul (prefill)."""
     q = load_model(model_dir, dtype="bfloat16", quantize="int8")
@@ -69,6 +71,7 @@ def test_int8_bf16_decode_kernel_matches_dequantized_matmul(model_dir):
     assert ((fast - slow).norm() / slow.norm()).item() < 1e-2
 
 
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 @pytest.mark.parametrize("quant, max_rel, min_top1", [("int8", 0.1, 0.85), ("nf4", 0.6, 0.3)])
 def test_logits_close_to_unquantized(model_dir, quant, max_rel, min_top1):
     """Bounds for this random-weight fixture (random weights exaggerate quantization error)."""
@@ -97,6 +100,7 @@ def test_quantize_attention_too(model_dir):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_save_and_reload_round_trip(tmp_path, model_dir):
     q = load_model(model_dir, dtype="bfloat16", quantize="nf4", quantize_attention=True)
     out = save_quantized(q, model_dir, tmp_path / "nf4")

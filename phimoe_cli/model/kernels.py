@@ -174,5 +174,8 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     fresh block per product costs page faults that took longer than the product itself."""
     buf = getattr(_scratch_space, "buf", None)
     if buf is None or buf.numel() < numel or buf.device != device:
-        buf = _scratch_space.buf = torch.empty(numel, dtype=torch.float32, device=device)
+        # An ordinary tensor even when first made under torch.inference_mode(): an inference
+        # tensor could not be written by a later product outside that mode (no_grad, plain use).
+        with torch.inference_mode(False):
+            buf = _scratch_space.buf = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel]
