@@ -57,7 +57,7 @@ with torch.inference_mode():
         model(ids, cache=cache, logits_to_keep=1)
         for i in range(4):
             model(steps[:, i : i + 1], cache=cache, logits_to_keep=1)
-    for rep in range(6):
+    for _rep in range(6):
         line = []
         for kind in kinds:
             model.use_decode_kernel(kind)

@@ -7,7 +7,6 @@ weight bytes, and load time, on random checkpoints in the hub layout.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from checkpoints import make_config, write_checkpoint  # noqa: E402
+from checkpoints import make_config, write_checkpoint
 
 CHILD = textwrap.dedent(
     """

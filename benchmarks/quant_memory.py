@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from checkpoints import make_config, write_checkpoint  # noqa: E402
+from checkpoints import make_config, write_checkpoint
 
 CHILD = """
 import logging, re, sys, time, torch
@@ -24,7 +24,8 @@ def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 cfg = load_config(sys.argv[1]); cfg.num_hidden_layers, cfg.vocab_size = 1, 8
 build_empty(PhimoeForCausalLM, cfg, torch.float32, torch.device("cpu"))
-F.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16), blocksize=64, quant_type="nf4"); F.int8_vectorwise_quant(torch.ones(64, 64))
+F.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16), blocksize=64, quant_type="nf4")
+F.int8_vectorwise_quant(torch.ones(64, 64))
 base = status("VmRSS")
 t = time.perf_counter()
 q = sys.argv[2]
@@ -49,7 +50,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True,
                                  check=True).stdout.split()
             growth, held, seconds = int(out[0]), int(out[1]), float(out[2])
-            print(f"{mode:10} {estimate[mode] / 1e6:>11.1f} MB {held / 1e6:>10.1f} MB {growth / 1e6:>13.1f} MB {seconds:>7.2f}")
+            print(f"{mode:10} {estimate[mode] / 1e6:>11.1f} MB {held / 1e6:>10.1f} MB "
+                  f"{growth / 1e6:>13.1f} MB {seconds:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -396,7 +396,8 @@ def run(
         "build_s": build_s,
         "active_bytes_per_token": active,
         "bandwidth_bytes_s": bandwidth,
-        "bandwidth_method": "best read of 512 MiB, float32 sum or bfloat16 matrix-vector product, before and after the engines",
+        "bandwidth_method": "best read of 512 MiB, float32 sum or bfloat16 matrix-vector product, "
+                            "before and after the engines",
         "roofline_tok_s": roofline,
         "prefill_compute_dtype": str(prefill_dtype(torch_dtype, dev)).removeprefix("torch."),
         "results": [asdict(r) for r in results],

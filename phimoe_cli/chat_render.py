@@ -50,7 +50,8 @@ class _Fence:
 
     def closes(self, line: str) -> bool:
         s = line.strip()
-        return s.startswith(self.marker[0] * len(self.marker)) and set(s) <= {self.marker[0]} and len(line) - len(line.lstrip()) <= 3
+        indent = len(line) - len(line.lstrip())
+        return s.startswith(self.marker[0] * len(self.marker)) and set(s) <= {self.marker[0]} and indent <= 3
 
 
 class MarkdownStream:
@@ -151,7 +152,7 @@ class MarkdownStream:
             out, rest = body[: len(body) - keep], body[len(body) - keep :]
             if out or first:
                 self._print_code("\n".join(out), first=first)
-            self.pending = "\n".join(rest + [lines[-1]])
+            self.pending = "\n".join([*rest, lines[-1]])
             return
         # a tall paragraph or list: cut before a list item if there is one, else at a line
         cut = len(complete) - keep
@@ -162,7 +163,7 @@ class MarkdownStream:
         if cut <= 0:
             return
         self._print_block("\n".join(complete[:cut]), separate=True, continued=True)
-        self.pending = "\n".join(complete[cut:] + [lines[-1]])
+        self.pending = "\n".join([*complete[cut:], lines[-1]])
 
     # -- output --------------------------------------------------------------------------------
 

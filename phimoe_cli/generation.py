@@ -37,7 +37,8 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0"),
         ]
         for name, value, ok, want in checks:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not ok(value):
                 raise GenerationError(f"{name} must be {want}, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")

@@ -37,8 +37,8 @@ from huggingface_hub.utils import disable_progress_bars, validate_repo_id
 __all__ = [
     "CONFIG_PATTERNS",
     "DEFAULT_MODEL",
-    "HubError",
     "MODEL_PATTERNS",
+    "HubError",
     "download_model",
     "hub_cache_dir",
     "is_local_path",
@@ -91,7 +91,7 @@ def is_local_path(model: str) -> bool:
     """
     if not model:
         return False
-    if model.startswith((".", "/", "~")) or model.endswith(("/", os.sep)) or os.sep != "/" and os.sep in model:
+    if model.startswith((".", "/", "~")) or model.endswith(("/", os.sep)) or (os.sep != "/" and os.sep in model):
         return True
     return os.path.exists(os.path.expanduser(model))
 
@@ -261,11 +261,11 @@ def _resolve_repo(
                 local_files_only=local_files_only,
                 allow_patterns=list(patterns),
             )
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one HubError line
+    except Exception as exc:
         # A cache miss after an unreachable / refusing Hub: report why the Hub did not answer.
-        if api_error is not None and isinstance(exc, LocalEntryNotFoundError):
-            if not isinstance(exc, IncompleteSnapshotError):
-                exc = api_error
+        if (api_error is not None and isinstance(exc, LocalEntryNotFoundError)
+                and not isinstance(exc, IncompleteSnapshotError)):
+            exc = api_error
         raise _translate(exc, ctx) from None
 
     path = Path(folder)
@@ -299,6 +299,19 @@ class _Ctx:
         return f"download it first with `phimoe download {self.repo_id}{rev}` while online"
 
 
+def _translate_http(exc: HfHubHTTPError, ctx: _Ctx, endpoint: str) -> HubError:
+    status = _status(exc)
+    if status == 401:
+        return HubError(f"{endpoint} rejected the access token (HTTP 401): check HF_TOKEN")
+    if status == 403:
+        return HubError(f"access to '{ctx.repo_id}' denied by {endpoint} (HTTP 403): check HF_TOKEN's permissions")
+    detail = f"HTTP {status}" if status else _short(exc)
+    return HubError(
+        f"the Hugging Face Hub ({endpoint}) failed ({detail}) and {ctx.what} is not in the local cache "
+        f"{ctx.cache}: try again later"
+    )
+
+
 def _translate(exc: BaseException, ctx: _Ctx) -> HubError:
     """Turn anything huggingface_hub (or the OS) raised into one clear HubError line."""
     endpoint = constants.ENDPOINT.rstrip("/")
@@ -324,16 +337,7 @@ def _translate(exc: BaseException, ctx: _Ctx) -> HubError:
             "if it is private, set HF_TOKEN to a token with access to it"
         )
     if isinstance(exc, HfHubHTTPError):
-        status = _status(exc)
-        if status == 401:
-            return HubError(f"{endpoint} rejected the access token (HTTP 401): check HF_TOKEN")
-        if status == 403:
-            return HubError(f"access to '{ctx.repo_id}' denied by {endpoint} (HTTP 403): check HF_TOKEN's permissions")
-        detail = f"HTTP {status}" if status else _short(exc)
-        return HubError(
-            f"the Hugging Face Hub ({endpoint}) failed ({detail}) and {ctx.what} is not in the local cache "
-            f"{ctx.cache}: try again later"
-        )
+        return _translate_http(exc, ctx, endpoint)
     if isinstance(exc, IncompleteSnapshotError):
         reason = "offline mode is on" if ctx.offline else "the Hub cannot be reached"
         return HubError(
@@ -351,7 +355,8 @@ def _translate(exc: BaseException, ctx: _Ctx) -> HubError:
             f"cannot reach the Hugging Face Hub at {endpoint} ({kind}) and {ctx.what} is not in the local cache "
             f"{ctx.cache}: check your network connection, or {ctx.download_hint}, or pass a local directory"
         )
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+    no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if no_space or "No space left on device" in str(exc):
         return HubError(
             f"no space left on device while downloading {ctx.what} into {ctx.cache}: free some space "
             "or point HF_HOME / HF_HUB_CACHE at a bigger disk, then run the command again "

@@ -3,9 +3,8 @@ KV-cache bytes per token, and whether it fits this machine."""
 
 from __future__ import annotations
 
-
 from phimoe_cli.model import PhimoeConfig
-from phimoe_cli.model.config import parameter_counts  # noqa: F401  (re-exported)
+from phimoe_cli.model.config import parameter_counts
 from phimoe_cli.model.offload import available_ram
 from phimoe_cli.model.quant import BYTES_PER_WEIGHT as QUANT_BYTES
 

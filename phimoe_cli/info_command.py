@@ -46,8 +46,9 @@ def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=
     console.print(f"[bold]{model}[/bold]  ({path})")
     console.print(
         f"{a['layers']} layers, hidden {a['hidden_size']}, {a['attention_heads']} heads / {a['kv_heads']} KV heads "
-        f"(head_dim {a['head_dim']}), {a['experts']} experts top-{a['experts_per_token']} (ffn {a['intermediate_size']}), "
-        f"vocab {a['vocab_size']}, context {a['context_length']} ({a['rope']}, original {a['original_context_length']}), "
+        f"(head_dim {a['head_dim']}), {a['experts']} experts top-{a['experts_per_token']} "
+        f"(ffn {a['intermediate_size']}), vocab {a['vocab_size']}, context {a['context_length']} "
+        f"({a['rope']}, original {a['original_context_length']}), "
         f"stored as {a['dtype']}"
     )
     console.print(f"parameters: {_count(p['total'])} total, {_count(p['active_per_token'])} active per token "
@@ -75,7 +76,8 @@ def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=
     console.print(f"[dim]{data['note']}[/dim]")
     if plan:
         p = data["plan"]
-        cached = f", {p['experts_per_layer_on_gpu']} per layer cached on the GPU" if p["experts_per_layer_on_gpu"] else ""
+        on_gpu = p["experts_per_layer_on_gpu"]
+        cached = f", {on_gpu} per layer cached on the GPU" if on_gpu else ""
         where = p["device"] + {"none": "", "experts": f" + experts in host RAM{cached}",
                                "disk": f" + experts memory-mapped from the files{cached}"}[p["offload"]]
         console.print(f"[bold]--device auto[/bold] (bfloat16, {quantize} experts): {where}: {p['reason']}")

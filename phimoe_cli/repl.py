@@ -10,6 +10,7 @@ message is encoded on its own by the chat format.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -49,7 +50,8 @@ COMMANDS = {
     "/exit": "leave (also /quit, /bye, Ctrl+D)",
     "/clear": "start a new conversation (keeps the system prompt)",
     "/system": "/system TEXT sets the system prompt; /system alone shows it",
-    "/set": "/set NAME VALUE: temperature, top_k, top_p, min_p, repetition_penalty, seed (none = random), max_new_tokens; /set alone lists them",
+    "/set": "/set NAME VALUE: temperature, top_k, top_p, min_p, repetition_penalty, seed (none = random), "
+            "max_new_tokens; /set alone lists them",
     "/show": "model, settings, context, history and autosave files",
     "/save": "/save [FILE]: write the conversation as JSON (default ./chat-DATE-TIME.json)",
     "/load": "/load FILE: continue a saved conversation",
@@ -86,7 +88,7 @@ def closing_ids(tokenizer) -> list[int] | None:
     try:
         one = tokenizer.apply_chat([user], add_generation_prompt=True)
         two = tokenizer.apply_chat([user, {"role": "assistant", "content": ""}, user], add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - any odd tokenizer: fall back to whole encodings
+    except Exception:
         return None
     n = len(one)
     if len(two) <= 2 * n or two[:n] != one or two[-n:] != one:
@@ -402,17 +404,16 @@ class ChatSession:
             res = self.gen.result
             interrupted = interrupted or res.finish_reason == "interrupted"
             reply_text = "".join(shown)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 stream.finish()
-            except KeyboardInterrupt:
-                pass
             self.conv.add_reply(reply_text, prompt, res.token_ids, interrupted)
             turn = TurnStats(
                 prompt_tokens=len(prompt), prefill_tokens=res.prefill_tokens,
                 completion_tokens=len(res.token_ids), finish_reason="interrupted" if interrupted else res.finish_reason,
                 time_to_first_token_s=res.time_to_first_token_s, prefill_tokens_per_s=res.prefill_tokens_per_s,
                 decode_tokens_per_s=res.decode_tokens_per_s,
-                recomputed=bool(not long_before and self.cache.long_rope and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
+                recomputed=bool(not long_before and self.cache.long_rope
+                                and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
             )
             st = self.stats
             st.turns += 1
@@ -515,10 +516,7 @@ class ChatSession:
             elif m["role"] == "user":
                 self.out(Text(PROMPT, style="bold") + Text(m["content"]))
             else:
-                if self.plain:
-                    stream = PlainStream(self.console.file)
-                else:
-                    stream = MarkdownStream(self.console, live=False)
+                stream = PlainStream(self.console.file) if self.plain else MarkdownStream(self.console, live=False)
                 stream.feed(m["content"])
                 stream.finish()
                 if m.get("interrupted"):
@@ -535,7 +533,8 @@ class ChatSession:
         if handler is None:
             close = [c for c in COMMANDS if c.startswith(name[:3])] if len(name) > 1 else []
             extra = f" (did you mean {close[0]}?)" if close else ""
-            self.hint(f"unknown command {name}{extra}: /help lists the commands; start a line with // to send one beginning with /")
+            self.hint(f"unknown command {name}{extra}: /help lists the commands; "
+                      "start a line with // to send one beginning with /")
             return True
         try:
             return handler(arg) is not False
@@ -562,7 +561,8 @@ class ChatSession:
 
     def cmd_system(self, arg: str) -> None:
         if not arg:
-            self.note(f"system prompt: {self.conv.system}" if self.conv.system else "no system prompt (/system TEXT sets one)")
+            self.note(f"system prompt: {self.conv.system}" if self.conv.system
+                      else "no system prompt (/system TEXT sets one)")
             return
         self.conv.set_system(arg)
         self.note("system prompt set (the next reply recomputes the context)")
@@ -616,7 +616,8 @@ class ChatSession:
             ("conversation", f"{self.conv.turns} turns, {len(self.conv.messages)} messages"
                              + (f" ({len(self.conv.dropped)} dropped to fit)" if self.conv.dropped else "")),
             ("history", str(self.history_path) if self.history_path else "off"),
-            ("autosave", str(self.autosave_path) if self.autosave_path else f"{data_dir() / 'chats'} (after the first reply)"),
+            ("autosave", str(self.autosave_path) if self.autosave_path
+             else f"{data_dir() / 'chats'} (after the first reply)"),
         ]
         for k, v in rows:
             self.out(Text(f"  {k:<15}", style="cyan") + Text(v))
@@ -673,20 +674,24 @@ class ChatSession:
         else:
             self.out(Text("last turn", style="bold"))
             self.out(Text(
-                f"  prompt {t.prompt_tokens} tokens: prefilled {t.prefill_tokens}, reused {t.reused_tokens} from the cache"
+                f"  prompt {t.prompt_tokens} tokens: prefilled {t.prefill_tokens}, "
+                f"reused {t.reused_tokens} from the cache"
                 + ("\n  (crossed the LongRoPE boundary: the whole context was recomputed once)" if t.recomputed else "")
             ))
             self.out(Text(
-                f"  reply {t.completion_tokens} tokens ({t.finish_reason}); first token {t.time_to_first_token_s:.2f} s; "
+                f"  reply {t.completion_tokens} tokens ({t.finish_reason}); "
+                f"first token {t.time_to_first_token_s:.2f} s; "
                 f"prefill {t.prefill_tokens_per_s:.1f} tok/s; decode {t.decode_tokens_per_s:.1f} tok/s"
             ))
         self.out(Text("session", style="bold"))
         decode = st.completion_tokens / st.decode_s if st.decode_s > 0 else 0.0
         self.out(Text(
             f"  {st.turns} replies; prompts {st.prompt_tokens} tokens, prefilled {st.prefill_tokens}, "
-            f"reused {st.prompt_tokens - st.prefill_tokens}; generated {st.completion_tokens} tokens ({decode:.1f} tok/s)"
+            f"reused {st.prompt_tokens - st.prefill_tokens}; "
+            f"generated {st.completion_tokens} tokens ({decode:.1f} tok/s)"
         ))
-        self.out(Text(f"  context {self.context_used()} / {self.context_length} tokens; model loaded in {self.loaded.load_s:.1f} s"))
+        self.out(Text(f"  context {self.context_used()} / {self.context_length} tokens; "
+                      f"model loaded in {self.loaded.load_s:.1f} s"))
 
     def _reply_or_hint(self, text: str | None) -> None:
         try:

@@ -35,10 +35,9 @@ def exit_code_of(exc: BaseException) -> int | None:
 
 def _is_option_error(exc: ValueError) -> bool:
     text = str(exc)
-    return text.startswith(("unknown dtype", "unknown device", "device ", "unknown quantization", "unknown offload")) or any(
-        needle in text for needle in ("CUDA is not available", "is already quantized", "exists and is not empty",
-                                      "--offload works")
-    )
+    prefixes = ("unknown dtype", "unknown device", "device ", "unknown quantization", "unknown offload")
+    needles = ("CUDA is not available", "is already quantized", "exists and is not empty", "--offload works")
+    return text.startswith(prefixes) or any(needle in text for needle in needles)
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:

@@ -115,7 +115,7 @@ class _JsonBackend:
                 self.rest = self.first
         except TokenizerError:
             raise
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception subclasses
+        except Exception as exc:
             raise TokenizerError(f"cannot load {path}: {_one_line(exc)}") from None
         self.base_size = self.full.get_vocab_size(with_added_tokens=False)
         try:
@@ -183,7 +183,7 @@ class _SentencePieceBackend:
             self.sp.LoadFromSerializedProto(data)
             self.sp_bare = spm.SentencePieceProcessor()
             self.sp_bare.LoadFromSerializedProto(data + self._NO_DUMMY_PREFIX)
-        except Exception as exc:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError
+        except Exception as exc:
             raise TokenizerError(f"cannot load {path}: {_one_line(exc)}") from None
         self.base_size = self.sp.get_piece_size()
         self.added_by_id: dict[int, AddedToken] = {}

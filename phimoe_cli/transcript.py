@@ -16,6 +16,7 @@ A transcript is one JSON object::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -78,10 +79,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -142,7 +141,8 @@ class Transcript:
         if not isinstance(version, int) or isinstance(version, bool):
             raise bad("no version")
         if version > VERSION:
-            raise TranscriptError(f"{path} is a transcript of version {version}; this phimoe reads version {VERSION}: upgrade phimoe")
+            raise TranscriptError(f"{path} is a transcript of version {version}; "
+                                  f"this phimoe reads version {VERSION}: upgrade phimoe")
         messages = _messages(data.get("messages"), "messages", bad)
         dropped = _messages(data.get("dropped", []), "dropped", bad)
         sampling = data.get("sampling") or {}

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from checkpoints import make_config, write_checkpoint
 from tokenizer_fixtures import build_tokenizer_dir, load_source
 

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,11 @@ from conftest import PHIMOE, default_sigint, run_phimoe  # noqa: E402
 
 from phimoe_cli import transcript as tr  # noqa: E402
 from phimoe_cli.repl import (  # noqa: E402
-    ContextOverflow, Conversation, closing_ids, drop_oldest_turns, group_turns,
+    ContextOverflow,
+    Conversation,
+    closing_ids,
+    drop_oldest_turns,
+    group_turns,
 )
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[=>()][0-9A-Za-z]?|\x1b\][^\x07]*\x07|\r|\x07")
@@ -56,7 +61,7 @@ class Chat:
             if m:
                 self.pos = m.end()
                 return m
-            if time.monotonic() > deadline or not self.child.isalive() and not self._read(0):
+            if time.monotonic() > deadline or (not self.child.isalive() and not self._read(0)):
                 raise AssertionError(f"{pattern!r} never came; output since the last match:\n{self.text[self.pos:]}")
             self._read(0.2)
 
@@ -190,7 +195,7 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(model_dir, tmp_path):
     m = chat.ask("Go on")
     assert m.group(1) == "3"
     (show,) = chat.command("/show", r"autosave\s+(\S+\.json)")
-    saved = json.loads(open(show.group(1)).read())
+    saved = json.loads(Path(show.group(1)).read_text())
     roles = [(x["role"], x.get("interrupted", False)) for x in saved["messages"]]
     assert roles == [("user", False), ("assistant", True), ("user", False), ("assistant", False)]
     assert saved["messages"][0]["content"] == "Tell me a long story"
@@ -267,7 +272,7 @@ def test_save_then_resume_reproduces_the_conversation(model_dir, tmp_path):
     chat.expect(r"loaded .*talk\.json: 2 turns, 5 messages")
     chat.expect(PROMPT)
     text = chat.text
-    for q, a in zip(("first question", "second question"), replies):
+    for q, a in zip(("first question", "second question"), replies, strict=True):
         assert f">>> {q}" in text and a in text
     chat.command("/show", r"Be brief\.", r"temperature=0\.5  top_k=3 .*seed=11  max_new_tokens=6",
                  r"2 turns, 5 messages")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import write_checkpoint
+
 from phimoe_cli.model import kernels, layers, load_model
 
 ATOL = 2e-4  # float32, as in test_model.py
@@ -173,7 +173,8 @@ def test_widened_prefill_of_quantized_experts(ckpt, monkeypatch):
     model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
     calls = []
     real = kernels.upcast_linear
-    monkeypatch.setattr(kernels, "upcast_linear", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    monkeypatch.setattr(kernels, "upcast_linear",
+                        lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
     with torch.inference_mode():
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
         native = model(x).float()
@@ -201,7 +202,6 @@ def test_one_graph_for_every_cache_length_and_capacity(tmp_path):
     """Decoding while the cache grows (and its views change length and strides) compiles the
     layer step once, not once per size."""
     from checkpoints import make_config
-
     from torch._dynamo.utils import counters
 
     cfg = make_config(9, hidden_size=48, num_attention_heads=3, num_key_value_heads=1)  # a shape no other test uses

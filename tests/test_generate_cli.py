@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import PHIMOE, default_sigint, make_model_dir, run_phimoe
 
 transformers = pytest.importorskip("transformers")
@@ -203,7 +202,8 @@ def test_info_from_config_alone(tmp_path, model_dir):
     per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
     inactive = cfg.num_hidden_layers * (cfg.num_local_experts - cfg.num_experts_per_tok) * per_expert
     assert data["parameters"]["active_per_token"] == total - inactive
-    assert data["kv_cache_bytes_per_token"]["bfloat16"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim  # keys and values per token
+    assert data["kv_cache_bytes_per_token"]["bfloat16"] == 2 * kv
     assert data["memory"]["bfloat16"]["bytes"] == 2 * total
     r = run_phimoe("info", only)
     assert r.returncode == 0 and "active per token" in r.stdout.decode()

@@ -132,7 +132,7 @@ def test_cache_reuse_prefills_only_new_tokens(gen):
                 {"role": "user", "content": "And then?"}]
     turn2 = tok.apply_chat(messages)
     held = turn1 + gen.result.token_ids[:-1]  # the cache holds all but the last reply token
-    common = next((i for i, (a, b) in enumerate(zip(held, turn2)) if a != b), min(len(held), len(turn2)))
+    common = next((i for i, (a, b) in enumerate(zip(held, turn2, strict=False)) if a != b), min(len(held), len(turn2)))
     assert common >= len(turn1)
     reused = list(gen.stream(turn2, params, 8, ignore_eos=True, cache=cache))
     assert gen.result.prefill_tokens == len(turn2) - common  # only what follows the shared prefix

@@ -45,7 +45,8 @@ def _blob_name(name: str, data: bytes) -> str:
 
 
 def checkpoint_files(n_shards: int = 2) -> dict[str, bytes]:
-    shards = {f"model-{i:05d}-of-{n_shards:05d}.safetensors": f"shard {i}".encode() * 10 for i in range(1, n_shards + 1)}
+    shards = {f"model-{i:05d}-of-{n_shards:05d}.safetensors": f"shard {i}".encode() * 10
+              for i in range(1, n_shards + 1)}
     index = {"metadata": {"total_size": 1}, "weight_map": {f"w{i}": name for i, name in enumerate(shards)}}
     return {
         "config.json": CONFIG,
@@ -57,7 +58,8 @@ def checkpoint_files(n_shards: int = 2) -> dict[str, bytes]:
     }
 
 
-def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str,
+                 refs: tuple[str, ...] = ("main",)) -> Path:
     """Lay out ``files`` at ``commit`` exactly as huggingface_hub's cache does; return the snapshot dir."""
     storage = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = storage / "snapshots" / commit
@@ -159,7 +161,7 @@ def test_missing_shard_is_reported(tmp_path: Path) -> None:
 def test_snapshot_without_config(tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     add_to_cache(cache, "org/name", {"model.safetensors": b"x"}, MAIN)
-    with pytest.raises(HubError, match="has no config.json"):
+    with pytest.raises(HubError, match=r"has no config\.json"):
         resolve_model("org/name", offline=True, cache_dir=cache)
 
 
@@ -222,7 +224,7 @@ def test_local_directory_missing(name: str) -> None:
 
 
 def test_local_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(HubError, match="has no config.json") as err:
+    with pytest.raises(HubError, match=r"has no config\.json") as err:
         resolve_model(str(tmp_path))
     assert err.value.exit_code == 2
 
@@ -292,7 +294,8 @@ def test_disk_full_and_permission_messages() -> None:
     msg = str(hub._translate(OSError(errno.ENOSPC, "No space left on device"), ctx))
     assert msg.startswith("no space left on device while downloading 'org/name' into /cache")
     assert "HF_HOME" in msg and "\n" not in msg
-    msg = str(hub._translate(RuntimeError("Data processing error: I/O error: No space left on device (os error 28)"), ctx))
+    rust_error = RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")
+    msg = str(hub._translate(rust_error, ctx))
     assert msg.startswith("no space left on device")
     msg = str(hub._translate(PermissionError(errno.EACCES, "Permission denied", "/cache/x"), ctx))
     assert "cannot write to the Hugging Face cache (/cache/x)" in msg
@@ -334,7 +337,8 @@ def run_hub(env: dict[str, str], timeout: float = 30, **kwargs) -> dict:
 
 
 def test_env_hf_hub_offline_and_hf_hub_cache(cache: Path) -> None:
-    res = run_hub({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}, model="org/name")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    res = run_hub(env, model="org/name")
     assert res["path"] == str(cache / "models--org--name" / "snapshots" / MAIN)
     res = run_hub({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}, model="org/missing")
     assert "not in the local cache" in res["error"] and "HF_HUB_OFFLINE=1" in res["error"]
@@ -460,10 +464,10 @@ def fake_hub():
     hub_state = FakeHub()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             hub_state.handle(self, head=False)
 
-        def do_HEAD(self):  # noqa: N802
+        def do_HEAD(self):
             hub_state.handle(self, head=True)
 
         def log_message(self, *args):

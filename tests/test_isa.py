@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PHIMOE
+
 from phimoe_cli.model import kernels
 
 TESTS = Path(__file__).parent
@@ -68,8 +68,8 @@ def test_isa_sensitive_tests_pass_under_another_instruction_sets_kernels(tmp_pat
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, PYTHONDONTWRITEBYTECODE="1")
     env.pop("PHIMOE_PREFILL_DTYPE", None)  # decided from the capability, as on such a CPU
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-m", "isa", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
-         str(TESTS)],
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-m", "isa", "-p", "no:cacheprovider",
+         "--basetemp", str(tmp_path / "t"), str(TESTS)],
         capture_output=True, text=True, env=env, timeout=600, cwd=TESTS.parent,
     )
     report = child.stdout[-4000:] + child.stderr[-2000:]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import make_config, random_state_dict, write_checkpoint
+
 from phimoe_cli.model import CheckpointError, load_model
 
 SMALL = dict(num_hidden_layers=1, vocab_size=512)
@@ -33,7 +33,7 @@ def error_of(path, **kwargs) -> str:
 def test_loads_single_file_and_shards(tmp_path):
     a = load_model(small(tmp_path / "one", shards=1))
     b = load_model(small(tmp_path / "three", shards=3))
-    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), name  # same seed, same weights, whatever the sharding
 
 

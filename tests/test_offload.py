@@ -6,8 +6,8 @@ import json
 
 import torch
 import torch.nn.functional as F
-
 from conftest import run_phimoe
+
 from phimoe_cli.model import PhimoeConfig, load_model
 from phimoe_cli.model.offload import OffloadedExperts, offload_stats, plan_placement
 

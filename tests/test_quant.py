@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
-
 from checkpoints import make_config, write_checkpoint
 from conftest import run_phimoe
+
 from phimoe_cli.generation import Generator, SamplingParams
 from phimoe_cli.model import CheckpointError, load_model
 from phimoe_cli.model.saving import save_quantized
@@ -107,7 +107,7 @@ def test_save_and_reload_round_trip(tmp_path, model_dir):
     assert (out / "tokenizer.json").exists() and (out / "phimoe_quantization.json").exists()
     again = load_model(out, dtype="auto")
     assert again.quantization == {"quantize": "nf4", "quantize_attention": True}
-    for (name, a), (_, b) in zip(q.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(q.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     x = ids(12)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_save_and_reload_round_trip(tmp_path, model_dir):
 def test_corrupt_quantization_file(tmp_path, model_dir):
     out = save_quantized(load_model(model_dir, quantize="int8"), model_dir, tmp_path / "q")
     (out / "phimoe_quantization.json").write_text("{")
-    with pytest.raises(CheckpointError, match="phimoe_quantization.json"):
+    with pytest.raises(CheckpointError, match=r"phimoe_quantization\.json"):
         load_model(out)
 
 
@@ -170,7 +170,8 @@ def test_quantize_and_eval_commands(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().strip() == str(out)
     a = run_phimoe("generate", "-m", out, "--json", "-t", "0", "-n", "5", "Hi")
-    b = run_phimoe("generate", "-m", model_dir, "--json", "-q", "int8", "--dtype", "float32", "-t", "0", "-n", "5", "Hi")
+    b = run_phimoe("generate", "-m", model_dir, "--json", "-q", "int8", "--dtype", "float32", "-t", "0", "-n", "5",
+                   "Hi")
     assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
     r = run_phimoe("quantize", model_dir, out, "--quantize", "int8")

@@ -19,7 +19,7 @@ def direct(scores: list[float], eps: float):
         best = max(remaining)
         index = remaining.index(best)  # the first of equal maxima
         kept = []
-        for j, (r, s) in enumerate(zip(remaining, scores)):
+        for j, (r, s) in enumerate(zip(remaining, scores, strict=True)):
             factor = max(abs(s), best)
             gap = (best - s) / factor if factor else math.nan  # 0/0: never "too far"
             if r != -math.inf and not gap > 2 * eps:
@@ -65,7 +65,7 @@ def test_random_rows_match_the_formula():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(500, 16, generator=g, dtype=torch.float64) * 0.05  # many near-ties
     weights, chosen = sparsemixer(scores, EPS)
-    for row, w, c in zip(scores.tolist(), weights.tolist(), chosen.tolist()):
+    for row, w, c in zip(scores.tolist(), weights.tolist(), chosen.tolist(), strict=True):
         want_idx, want_w = direct(row, EPS)
         assert c == want_idx
         assert w == pytest.approx(want_w, rel=1e-9)

@@ -186,7 +186,7 @@ def _ref_chat(ref, messages, add_generation_prompt=True) -> list[int]:
 
 
 def test_backend_follows_the_directory(kind, pairs, tok_dirs):
-    ours, ref = pairs(kind)
+    ours, _ref = pairs(kind)
     assert (tok_dirs(kind) / "tokenizer.json").is_file() == KINDS[kind]["with_json"]
     assert type(ours._backend).__name__ == ("_JsonBackend" if KINDS[kind]["with_json"] else "_SentencePieceBackend")
 
@@ -287,7 +287,7 @@ def test_chat_content_with_literals_is_data(tok_dirs, pairs):
                 body = content.lstrip(RUST_WS)
                 expected = [user] + (sp.encode(body) if body else []) + [end, assistant]
             else:
-                expected = [user] + sp.encode("\n" + content) + [end] + sp.encode("\n") + [assistant] + sp.encode("\n")
+                expected = [user, *sp.encode("\n" + content), end, *sp.encode("\n"), assistant, *sp.encode("\n")]
             assert ids == expected, (kind, content)
             assert [i for i in ids if i in ours.added_tokens] == [user, end, assistant]
             if "<|" in content and content not in ("<|end|", "<|end||>"):
@@ -375,7 +375,7 @@ def test_stream_byte_runs(kind, pairs):
         b(0x41, 0x42, 0xE2, 0x41),
         b(0xE2, 0x82, 0xAC) + word,
         b(0xE2, 0x82, 0xAC, 0xE2) + word + b(0xF0, 0x9F),
-        b(0xE2) + [end] + b(0x82, 0xAC),
+        [*b(226), end, *b(130, 172)],
         b(0x41) + word + b(0x42, 0xFF) + [end],
         b(0xF0, 0x9F, 0x98, 0x80, 0xF0, 0x9F, 0x98, 0x80),
     ]
@@ -389,7 +389,7 @@ def test_stream_byte_runs(kind, pairs):
 def test_stream_never_splits_a_character(kind, pairs):
     ours, ref = pairs(kind)
     text = "Zoë 😀 中文 👨‍👩‍👧 שלום\u0301 𝔘 ok <|end|> bye"
-    ids = ref.encode(text) + [ref.convert_tokens_to_ids("<|end|>")] + ref.encode(" more 🎉")
+    ids = [*ref.encode(text), ref.convert_tokens_to_ids("<|end|>"), *ref.encode(" more 🎉")]
     stream = ours.stream_decoder()
     pieces = [stream.push(i) for i in ids]
     assert not any("\ufffd" in p for p in pieces)
@@ -419,28 +419,28 @@ def test_errors_name_the_file(tmp_path, tok_dirs):
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.from_dir(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(TokenizerError, match=r"neither tokenizer\.json nor tokenizer\.model"):
         Tokenizer.from_dir(tmp_path / "empty")
 
     d = _copy(tok_dirs("small-json"), tmp_path / "badjson")
     (d / "tokenizer.json").write_text('{"model": ')
-    with pytest.raises(TokenizerError, match="tokenizer.json") as err:
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json") as err:
         Tokenizer.from_dir(d)
     assert "\n" not in str(err.value)
 
     d = _copy(tok_dirs("small-spm"), tmp_path / "badspm")
     (d / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 10)
-    with pytest.raises(TokenizerError, match="tokenizer.model"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.model"):
         Tokenizer.from_dir(d)
 
     d = _copy(tok_dirs("small-spm"), tmp_path / "badcfg")
     (d / "tokenizer_config.json").write_bytes(b"\xff\xfe{")
-    with pytest.raises(TokenizerError, match="tokenizer_config.json"):
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json"):
         Tokenizer.from_dir(d)
 
     d = _copy(tok_dirs("small-spm"), tmp_path / "badgen")
     (d / "generation_config.json").write_text('{"eos_token_id": "x"}')
-    with pytest.raises(TokenizerError, match="generation_config.json"):
+    with pytest.raises(TokenizerError, match=r"generation_config\.json"):
         Tokenizer.from_dir(d)
     assert issubclass(TokenizerError, ValueError)
 
@@ -470,7 +470,7 @@ def _cli(*args: str, stdin: bytes = b""):
 
 
 def test_cli_subprocess(pairs, tok_dirs):
-    ours, ref = pairs("json")
+    _ours, ref = pairs("json")
     d = str(tok_dirs("json"))
     text = "Hello <|end|> 😀\n"
     r = _phimoe("tokenize", "--model", d, stdin=text.encode())
@@ -482,7 +482,7 @@ def test_cli_subprocess(pairs, tok_dirs):
 
 
 def test_cli_tokenize(pairs, tok_dirs):
-    ours, ref = pairs("json")
+    _ours, ref = pairs("json")
     d = str(tok_dirs("json"))
     text = "Hello <|end|> 😀\n"
 
@@ -503,7 +503,7 @@ def test_cli_tokenize(pairs, tok_dirs):
     assert code == 0
     assert json.loads(out) == _ref_chat(ref, [{"role": "user", "content": "Hi there"}])
 
-    ids = ref.encode("Zoë 😀 中文") + [ref.convert_tokens_to_ids("<|end|>")]
+    ids = [*ref.encode("Zoë 😀 中文"), ref.convert_tokens_to_ids("<|end|>")]
     code, out, err = _cli("tokenize", "--decode", json.dumps(ids), "--model", d)
     assert code == 0 and out.decode("utf-8") == ref.decode(ids, skip_special_tokens=False) + "\n"
 
@@ -535,5 +535,5 @@ def test_cli_bad_input(tok_dirs, args, stdin):
 
 def test_cli_missing_model_dir(tmp_path):
     for model in (str(tmp_path / "nope"), str(tmp_path)):
-        code, out, err = _cli("tokenize", "x", "--model", model)
+        code, _out, err = _cli("tokenize", "x", "--model", model)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -154,21 +154,19 @@ class PhimoeConfig:
             raise ConfigError(f"router_jitter_noise must be >= 0, got {self.router_jitter_noise}")
         if self.torch_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of bfloat16, float16, float32")
-        rope = self.rope_scaling
-        if rope is not None:
-            half = self.head_dim // 2
-            for name in ("short_factor", "long_factor"):
-                factors = getattr(rope, name)
-                if len(factors) != half:
-                    raise ConfigError(
-                        f"rope_scaling.{name} has {len(factors)} entries, expected head_dim/2 = {half}"
-                    )
-                if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in factors):
-                    raise ConfigError(f"rope_scaling.{name} must hold positive finite numbers")
-            if rope.original_max_position_embeddings > self.max_position_embeddings:
-                raise ConfigError(
-                    "rope_scaling.original_max_position_embeddings exceeds max_position_embeddings"
-                )
+        if self.rope_scaling is not None:
+            self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        rope, half = self.rope_scaling, self.head_dim // 2
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(rope, name)
+            if len(factors) != half:
+                raise ConfigError(f"rope_scaling.{name} has {len(factors)} entries, expected head_dim/2 = {half}")
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in factors):
+                raise ConfigError(f"rope_scaling.{name} must hold positive finite numbers")
+        if rope.original_max_position_embeddings > self.max_position_embeddings:
+            raise ConfigError("rope_scaling.original_max_position_embeddings exceeds max_position_embeddings")
 
     # ------------------------------------------------------------------ helpers
     @property

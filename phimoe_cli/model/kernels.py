@@ -50,7 +50,8 @@ class Compiled:
             try:
                 return self.compiled(*args)
             except Exception as exc:  # no compiler, or an inductor limitation: never fail a decode
-                warnings.warn(f"compiled decode kernel unavailable, running eagerly ({type(exc).__name__}: {exc})")
+                warnings.warn(f"compiled decode kernel unavailable, running eagerly ({type(exc).__name__}: {exc})",
+                              stacklevel=2)
                 self.compiled = False
         return self.eager(*args)
 

@@ -351,7 +351,8 @@ def _layers_step(step, x, cos, sin, layers: tuple, *consts):
 # costs more for one query (measured equal from ~3000 cached tokens).
 one_token_layers = Compiled(
     functools.partial(_layers_step, functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math)),
-    functools.partial(_layers_step, functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)),
+    functools.partial(_layers_step,
+                      functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)),
     dynamic=False,
 )
 DECODE_GROUP = 4  # most layers per compiled call: 4 measured ~5% faster than 1; compiling takes ~4x longer

@@ -17,14 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from . import hugepages
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
-from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 from .offload import OffloadedExperts, capacity_for_budget, plan_placement
+from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -117,24 +118,11 @@ def _targets(model: torch.nn.Module, config: PhimoeConfig, saved_quantized: bool
             if not name.endswith("inv_freq"):
                 targets[name] = (tuple(t.shape), t.copy_)
         return _untie(targets, config)
-    quantized = {}
+    quantized = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, QuantizedExperts):
-            quantized[prefix] = module
-            for w in ("w1", "w2", "w3"):
-                matrices = getattr(module, w)
-                for e in range(module.num_experts):
-                    targets[f"{prefix}.{e}.{w}.weight"] = (matrices.shape, partial(matrices.store, e))
-        elif isinstance(module, OffloadedExperts):
-            for w in ("w1", "w2", "w3"):
-                shape = module.shapes[w]
-                for e in range(module.num_experts):
-                    targets[f"{prefix}.{e}.{w}.weight"] = (shape, partial(module.store, w, e))
-        elif isinstance(module, QuantizedLinear):
-            quantized[prefix] = module
-            targets[f"{prefix}.weight"] = (module.weight_q.shape, partial(module.weight_q.store, 0))
-            if module.bias is not None:
-                targets[f"{prefix}.bias"] = (tuple(module.bias.shape), module.bias.copy_)
+        if isinstance(module, (QuantizedExperts, QuantizedLinear)):
+            quantized.add(prefix)
+        targets.update(_replaced_module_targets(prefix, module))
     for name, param in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
         if owner in quantized:
@@ -146,6 +134,25 @@ def _targets(model: torch.nn.Module, config: PhimoeConfig, saved_quantized: bool
         else:
             targets[name] = (tuple(param.shape), param.copy_)
     return _untie(targets, config)
+
+
+def _replaced_module_targets(prefix: str, module: torch.nn.Module) -> dict:
+    """The checkpoint tensors that a quantized or offloaded module stores its own way."""
+    targets = {}
+    if isinstance(module, QuantizedExperts):
+        for w in ("w1", "w2", "w3"):
+            matrices = getattr(module, w)
+            for e in range(module.num_experts):
+                targets[f"{prefix}.{e}.{w}.weight"] = (matrices.shape, partial(matrices.store, e))
+    elif isinstance(module, OffloadedExperts):
+        for w in ("w1", "w2", "w3"):
+            for e in range(module.num_experts):
+                targets[f"{prefix}.{e}.{w}.weight"] = (module.shapes[w], partial(module.store, w, e))
+    elif isinstance(module, QuantizedLinear):
+        targets[f"{prefix}.weight"] = (module.weight_q.shape, partial(module.weight_q.store, 0))
+        if module.bias is not None:
+            targets[f"{prefix}.bias"] = (tuple(module.bias.shape), module.bias.copy_)
+    return targets
 
 
 def _untie(targets: dict, config: PhimoeConfig) -> dict:
@@ -182,9 +189,11 @@ class SafetensorsFile:
     so a load holds the destination weights plus at most one source tensor.
     """
 
-    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
+    DTYPES: ClassVar[dict[str, torch.dtype]] = {
+        "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }
 
     def __init__(self, path: Path):
         self.path = path
@@ -382,7 +391,8 @@ def load_model(
     A checkpoint written by ``phimoe quantize`` loads as it was saved. ``offload="experts"`` keeps
     the experts in host memory and caches as many per layer on ``device`` as ``gpu_memory`` bytes
     allow (at least top-k); ``offload="disk"`` does the same but leaves the experts memory-mapped
-    from the checkpoint files (read on demand; the OS page cache keeps what fits in RAM). ``device="auto"`` plans placement from free GPU memory. Raises CheckpointError
+    from the checkpoint files (read on demand; the OS page cache keeps what fits in RAM).
+    ``device="auto"`` plans placement from free GPU memory. Raises CheckpointError
     (one line, naming the file or tensor) for a bad checkpoint and ValueError for bad options.
     """
     config = load_config(path)

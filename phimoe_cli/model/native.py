@@ -84,7 +84,8 @@ def load(path: Path) -> ctypes.CDLL:
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.phimoe_linear_int8.restype = None
-    lib.phimoe_linear_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_linear_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                                               ctypes.c_int]
     lib.phimoe_linear.restype = None
     lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -97,9 +98,9 @@ def library(flags: str | None = None) -> ctypes.CDLL | None:
         return load(build(flags))
     except subprocess.CalledProcessError as exc:
         last = (exc.stderr or "").strip().splitlines()[-1:] or ["?"]
-        warnings.warn(f"native decode step unavailable, the C build failed: {last[0]}")
+        warnings.warn(f"native decode step unavailable, the C build failed: {last[0]}", stacklevel=2)
     except OSError as exc:
-        warnings.warn(f"native decode step unavailable: {exc}")
+        warnings.warn(f"native decode step unavailable: {exc}", stacklevel=2)
     return None
 
 

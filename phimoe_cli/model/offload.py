@@ -118,6 +118,7 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
     per_weight = BYTES_PER_WEIGHT.get(quantize, dtype_bytes)
     weights = counts["dense"] * dtype_bytes + counts["experts"] * per_weight
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes * kv_tokens
+    active_experts = config.num_hidden_layers * config.num_experts_per_tok * expert_bytes(config, dtype_bytes)
     free = gpu_memory
     if free is None and torch.cuda.is_available():
         free = int(torch.cuda.mem_get_info()[0] * 0.9)
@@ -128,10 +129,11 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
         plan["reason"] = "no CUDA GPU"
     elif weights + kv <= free:
         plan.update(device="cuda", reason="the whole model fits the GPU")
-    elif quantize == "none" and counts["dense"] * dtype_bytes + kv + config.num_hidden_layers * config.num_experts_per_tok * expert_bytes(config, dtype_bytes) <= free:
+    elif quantize == "none" and counts["dense"] * dtype_bytes + kv + active_experts <= free:
         cap = capacity_for_budget(config, free - kv, dtype_bytes)
         plan.update(device="cuda", offload="experts", experts_per_layer_on_gpu=cap,
-                    reason=f"attention, router and embeddings on the GPU; {cap} of {config.num_local_experts} experts per layer cached there")
+                    reason=f"attention, router and embeddings on the GPU; {cap} of {config.num_local_experts} "
+                           "experts per layer cached there")
     else:
         plan["reason"] = "not even the non-expert weights fit the GPU"
     if quantize == "none" and ram is not None:
@@ -140,7 +142,8 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
             plan.update(offload="disk", reason=plan["reason"] + "; the experts do not fit RAM and stay memory-mapped")
         elif plan["device"] == "cpu" and on_host > ram:
             plan.update(offload="disk", experts_per_layer_on_gpu=None,
-                        reason=plan["reason"] + "; the model does not fit RAM: experts stay memory-mapped from the files")
+                        reason=plan["reason"] + "; the model does not fit RAM: experts stay memory-mapped "
+                                                "from the files")
     return plan
 
 

@@ -90,7 +90,8 @@ class PhimoeModel(nn.Module):
             cache.length = start + s
             return x
         cos, sin = self.rotary_emb(position_ids, long, x.dtype)
-        if self.decode_fast and b * s == 1 and mask is None and cache is not None and start > 0 and x.device.type == "cpu":
+        one_token = b * s == 1 and mask is None and cache is not None and start > 0
+        if self.decode_fast and one_token and x.device.type == "cpu":
             c, moe = self.config, self.layers[0].block_sparse_moe
             consts = (c.rms_norm_eps, moe.jitter_eps, moe.top_k, c.num_attention_heads, c.num_key_value_heads)
             for group in decode_groups(len(self.layers)):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Experts
 from .kernels import prefill_linear
+from .layers import Experts
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 BLOCKSIZE = 64
@@ -82,16 +82,16 @@ class QuantizedMatrices(nn.Module):
             return (self.qweight[i].to(dtype) * self.scale[i, :, None].to(dtype))
         bnbf = _bnb()
         state = bnbf.QuantState(
-            absmax=self.scale[i], shape=torch.Size(self.shape), code=bnbf.get_4bit_type(self.quant_type, device=self.qweight.device),
+            absmax=self.scale[i], shape=torch.Size(self.shape),
+            code=bnbf.get_4bit_type(self.quant_type, device=self.qweight.device),
             blocksize=BLOCKSIZE, quant_type=self.quant_type, dtype=dtype,
         )
         return bnbf.dequantize_4bit(self.qweight[i].reshape(-1, 1), state)
 
     def linear(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.quant_type == "int8" and _int8_kernel_applies(x):
-            return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype)).reshape(
-                *x.shape[:-1], self.shape[0]
-            )
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
+            return y.reshape(*x.shape[:-1], self.shape[0])
         return prefill_linear(x, self.dequantize(i, x.dtype))
 
 
@@ -128,7 +128,8 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
         self.weight_q = QuantizedMatrices(1, out_features, in_features, quant_type, dtype, device)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        zeros = torch.zeros(out_features, dtype=dtype, device=device)
+        self.bias = nn.Parameter(zeros, requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_q.linear(0, x)
