@@ -24,9 +24,18 @@ def ids(n, seed=0):
     return torch.randint(0, 32000, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant: str, shape) -> torch.Tensor:
+    """bitsandbytes' 4-bit codes (weight 2j in the high nibble of byte j, 2j + 1 in the low one, an
+    absmax per 64) read with phimoe's codebook: bitsandbytes' NF4 / FP4 values rounded to
+    multiples of 1/127 (quant.CODEBOOK, checked against bitsandbytes' own values here)."""
+    code = (bnbf.get_4bit_type(quant, device="cpu") * 127).round() / 127
+    nibbles = torch.stack((packed.reshape(-1) >> 4, packed.reshape(-1) & 15), -1).reshape(-1).long()
+    return (code[nibbles].view(-1, 64) * absmax.view(-1, 1)).view(shape)
+
+
 def dequantized_reference(path, quant: str, dtype):
-    """The unquantized model with every expert matrix replaced by bitsandbytes' own
-    quantize -> dequantize of it: what the quantized model must compute."""
+    """The unquantized model with every expert matrix replaced by bitsandbytes' own quantization
+    of it, read back as phimoe defines the formats: what the quantized model must compute."""
     model = load_model(path, dtype=dtype)
     for layer in model.model.layers:
         experts = layer.block_sparse_moe.experts
@@ -38,7 +47,7 @@ def dequantized_reference(path, quant: str, dtype):
                     deq = bnbf.int8_vectorwise_dequant(q, absmax)
                 else:
                     q, state = bnbf.quantize_4bit(m.contiguous(), blocksize=64, quant_type=quant)
-                    deq = bnbf.dequantize_4bit(q, state)
+                    deq = dequantize_4bit(q, state.absmax, quant, m.shape)
                 w.data[e] = deq.to(w.dtype)
     return model
 

@@ -52,7 +52,7 @@ const char *phimoe_native_isa(void) {
 }
 
 /* The vector unit: AVX-512 (16 floats), AVX2 + FMA (8), or none (plain C, which the compiler
- * vectorises where it can). WIDEN_BF16 / WIDEN_I8 load VL weights and widen them to float32:
+ * vectorises where it can). WIDEN_BF16 loads VL bfloat16 values and widens them to float32:
  * exactly, so every product below is exact and only the float32 sums round. */
 #if defined(__AVX512F__)
 #define VL 16
@@ -61,7 +61,6 @@ typedef __m512 vf;
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define WIDEN_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define WIDEN_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VL 8
@@ -70,7 +69,6 @@ typedef __m256 vf;
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define WIDEN_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#define WIDEN_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 static inline float vsum(vf v) {
     float s[8], t = 0.f;
     _mm256_storeu_ps(s, v);
@@ -120,17 +118,9 @@ static inline float vsum(vf v) {
     }
 #endif
 
-static inline float i8f(int8_t v) { return (float)v; }
-
 static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
     long i = r0;
     DOT_ROWS(bf16, WIDEN_BF16, bf2f)
-}
-
-/* int8 rows (their scales are applied by the caller) */
-static void dot_rows_i8(const int8_t *W, long K, const bf16 *x, long r0, long r1, float *y) {
-    long i = r0;
-    DOT_ROWS(int8_t, WIDEN_I8, i8f)
 }
 
 /* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
@@ -155,26 +145,231 @@ void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n,
     linear_rows(W, b, x, n, k, tmp, y);
 }
 
-/* rows r0..r1 of expert matrix e ([experts, n, K]: bfloat16, or int8 with float32 row scales)
- * times x, in float32; int8 rows are scaled as torch's int8 kernel does: by the scale rounded
- * to bfloat16 */
-static void expert_rows(const void *W, const float *scale, long e, long n, long K, const bf16 *x, long r0, long r1, float *y) {
-    if (!scale) {
-        dot_rows((const bf16 *)W + e * n * K, K, x, r0, r1, y);
-        return;
-    }
-    dot_rows_i8((const int8_t *)W + e * n * K, K, x, r0, r1, y);
-    for (long i = r0; i < r1; i++) y[i] *= rb(scale[e * n + i]);
+/* ------------------------------------------------------ quantized weights, int16 activations
+ * int8 and 4-bit weights are multiplied as integers: the activation vector is quantized to int16
+ * in blocks of QB = 64 values (x ~ q * d, d = max |x| / 32767, q = round(x / d): within 1/65534
+ * of the block's largest value, a hundred times finer than x's own bfloat16 rounding), each
+ * weight is widened to int16 and the products are summed exactly in int32 per block (AVX-512
+ * vpdpwssd / vpmaddwd, AVX2 vpmaddwd: 16 or 32 products an instruction), then scaled in float32.
+ * Widening every weight to float32 instead took three instructions per 16 weights and made int8
+ * compute-bound; int8 activations (llama.cpp's Q8_0) would be cheaper still but add an error the
+ * size of the weights' own quantization error.
+ *
+ * Weights: int8 rows with one float32 scale each (bitsandbytes' row-wise absmax), or 4-bit
+ * codes in bitsandbytes' packing (byte j of a row holds weights 2j in its high nibble and 2j + 1
+ * in its low one) with one float32 absmax per 64 weights; a code stands for lut[code] / 127 (the
+ * NF4 or FP4 value rounded to int8, within 0.4% of the block's absmax). */
+enum { QB = 64, W_BF16 = 0, W_I8 = 1, W_Q4 = 2 };
+
+typedef struct {
+    const void *w;      /* bf16 or int8 [.., n, K]; 4-bit: uint8 [.., n * K / 2] */
+    const float *s;     /* int8: a scale per row [.., n]; 4-bit: an absmax per 64 weights [.., n * K / 64] */
+    const int8_t *lut;  /* 4-bit: the 16 code values, value * 127 rounded */
+    int kind;           /* W_BF16, W_I8 or W_Q4 */
+} Mat;
+
+typedef struct {  /* one activation vector of K values, quantized; views of scratch memory */
+    int16_t *q;   /* [K]: q, in order */
+    int16_t *qp;  /* [K] (K % 64 == 0 only): per block, its odd values then its even ones (the order
+                   * of the 4-bit codes once split into low and high nibbles) */
+    float *d;     /* [blocks]: the block scales */
+    long K;
+} QX;
+
+static long round64(long n) { return (n + 63) / 64 * 64; }
+
+static long qx_bytes(long K) { return 2 * round64(K) * 2 + 4 * round64((K + QB - 1) / QB) + 64; }
+
+static char *qx_carve(QX *o, long K, char *p) {
+    p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    o->K = K;
+    o->q = (int16_t *)p, p += 2 * round64(K);
+    o->qp = (int16_t *)p, p += 2 * round64(K);
+    o->d = (float *)p, p += 4 * round64((K + QB - 1) / QB);
+    return p;
 }
 
-void phimoe_linear_int8(const int8_t *W, const float *scale, const bf16 *x, bf16 *y, long n, long k, float *tmp, int threads) {
+/* x [K] (bfloat16) into o: q = round-to-even(x / d) with d = max |x| / 32767 per block of QB */
+static void quantize_x(const bf16 *x, QX *o) {
+    const long K = o->K;
+    for (long i0 = 0; i0 < K; i0 += QB) {
+        const long i1 = i0 + QB < K ? i0 + QB : K;
+        float amax = 0.f;
+        for (long i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(bf2f(x[i])));
+        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        for (long i = i0; i < i1; i++) {
+            float v = nearbyintf(bf2f(x[i]) * id);
+            o->q[i] = (int16_t)(v > 32767.f ? 32767.f : v < -32767.f ? -32767.f : v);
+        }
+        o->d[i0 / QB] = d;
+        if (i1 - i0 == QB && K % 64 == 0)
+            for (int j = 0; j < 32; j++) {
+                o->qp[i0 + j] = o->q[i0 + 2 * j + 1];
+                o->qp[i0 + 32 + j] = o->q[i0 + 2 * j];
+            }
+    }
+}
+
+/* sum of w[j] * q[j] for j < n, exactly */
+static inline int32_t idot(const int8_t *w, const int16_t *q, long n) {
+    int32_t s = 0;
+    for (long j = 0; j < n; j++) s += (int32_t)w[j] * q[j];
+    return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum256(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+/* the int32 sums of 16 int8 weights (widened) times 16 int16 values, in pairs */
+static inline __m256i madd16(__m128i w8, const int16_t *q) {
+    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)q));
+}
+#endif
+#if defined(__AVX512BW__)
+/* acc + the int32 sums of 32 int8 weights (widened) times 32 int16 values, in pairs */
+static inline __m512i dot32(__m512i acc, __m256i w8, const int16_t *q) {
+    const __m512i w = _mm512_cvtepi8_epi16(w8), v = _mm512_loadu_si512(q);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, v);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, v));
+#endif
+}
+#endif
+
+/* y[i] = sum over blocks b of d_b * sum of W[i, j] q_j, for int8 rows r0..r1 of W [*, K] */
+static void dot_rows_i8(const int8_t *W, long K, const QX *x, long r0, long r1, float *y) {
+    for (long i = r0; i < r1; i++) {
+        const int8_t *w = W + i * K;
+        float t = 0.f;
+        long k = 0;
+#if defined(__AVX512BW__)
+        __m512 f = _mm512_setzero_ps();
+        for (; k + QB <= K; k += QB) {
+            __m512i acc = dot32(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)(w + k)), x->q + k);
+            acc = dot32(acc, _mm256_loadu_si256((const __m256i *)(w + k + 32)), x->q + k + 32);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(x->d[k / QB]), f);
+        }
+        t = _mm512_reduce_add_ps(f);
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 f = _mm256_setzero_ps();
+        for (; k + QB <= K; k += QB) {
+            const __m256i a = _mm256_add_epi32(madd16(_mm_loadu_si128((const __m128i *)(w + k)), x->q + k),
+                                               madd16(_mm_loadu_si128((const __m128i *)(w + k + 16)), x->q + k + 16));
+            const __m256i b = _mm256_add_epi32(madd16(_mm_loadu_si128((const __m128i *)(w + k + 32)), x->q + k + 32),
+                                               madd16(_mm_loadu_si128((const __m128i *)(w + k + 48)), x->q + k + 48));
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(x->d[k / QB]), f);
+        }
+        t = hsum256(f);
+#endif
+        for (; k < K; k += QB) t += x->d[k / QB] * (float)idot(w + k, x->q + k, K - k < QB ? K - k : QB);
+        y[i] = t;
+    }
+}
+
+/* y[i] = sum over 64-blocks b of absmax_ib / 127 * d_b * sum of code . q, for 4-bit rows r0..r1
+ * (K / 2 bytes and K / 64 absmax each; K a multiple of 64) */
+static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, long K, const QX *x, long r0, long r1, float *y) {
+    const long nb = K / 64;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)), low = _mm256_set1_epi8(15);
+#endif
+    for (long i = r0; i < r1; i++) {
+        const uint8_t *p = P + i * (K / 2);
+        const float *a = A + i * nb;
+        float t = 0.f;
+        long b = 0;
+#if defined(__AVX512BW__)
+        const __m512i tbl5 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut)), low5 = _mm512_set1_epi8(15);
+        __m512 f = _mm512_setzero_ps();
+        for (; b + 2 <= nb; b += 2) { /* two blocks: 64 bytes, 128 weights */
+            const __m512i v = _mm512_loadu_si512(p + 32 * b);
+            const __m512i odd = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(v, low5));
+            const __m512i even = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(_mm512_srli_epi16(v, 4), low5));
+            const int16_t *q = x->qp + 64 * b;
+            __m512i s0 = dot32(_mm512_setzero_si512(), _mm512_castsi512_si256(odd), q);
+            s0 = dot32(s0, _mm512_castsi512_si256(even), q + 32);
+            __m512i s1 = dot32(_mm512_setzero_si512(), _mm512_extracti64x4_epi64(odd, 1), q + 64);
+            s1 = dot32(s1, _mm512_extracti64x4_epi64(even, 1), q + 96);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(a[b] * x->d[b]), f);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a[b + 1] * x->d[b + 1]), f);
+        }
+        t = _mm512_reduce_add_ps(f);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 g = _mm256_setzero_ps();
+        for (; b < nb; b++) { /* one block: 32 bytes, 64 weights */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
+            const __m256i odd = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
+            const __m256i even = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            const int16_t *q = x->qp + 64 * b;
+            const __m256i s = _mm256_add_epi32(
+                _mm256_add_epi32(madd16(_mm256_castsi256_si128(odd), q), madd16(_mm256_extracti128_si256(odd, 1), q + 16)),
+                _mm256_add_epi32(madd16(_mm256_castsi256_si128(even), q + 32), madd16(_mm256_extracti128_si256(even, 1), q + 48)));
+            g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[b] * x->d[b]), g);
+        }
+        t += hsum256(g);
+#endif
+        for (; b < nb; b++) { /* plain C: unpack a block, then one exact integer sum */
+            int8_t c[64];
+            for (int j = 0; j < 32; j++) {
+                c[2 * j] = lut[p[32 * b + j] >> 4];
+                c[2 * j + 1] = lut[p[32 * b + j] & 15];
+            }
+            t += a[b] * x->d[b] * (float)idot(c, x->q + 64 * b, 64);
+        }
+        y[i] = t * (1.f / 127.f);
+    }
+}
+
+/* rows r0..r1 of matrix e of m ([.., n, K]) times x, in float32: bf16 rows read the bfloat16
+ * vector, quantized rows its quantized form qx; int8 rows are scaled by their scale rounded to
+ * bfloat16, as the eager int8 path (torch's int8 kernel) scales them */
+static void mat_rows(const Mat *m, long e, long n, long K, const bf16 *x, const QX *qx, long r0, long r1, float *y) {
+    if (m->kind == W_BF16) {
+        dot_rows((const bf16 *)m->w + e * n * K, K, x, r0, r1, y);
+    } else if (m->kind == W_I8) {
+        dot_rows_i8((const int8_t *)m->w + e * n * K, K, qx, r0, r1, y);
+        for (long i = r0; i < r1; i++) y[i] *= rb(m->s[e * n + i]);
+    } else {
+        dot_rows_q4((const uint8_t *)m->w + e * n * (K / 2), m->s + e * n * (K / 64), m->lut, K, qx, r0, r1, y);
+    }
+}
+
+/* y = bf16(m x + b) for this thread's rows */
+static void mat_linear_rows(const Mat *m, const bf16 *b, const bf16 *x, const QX *qx, long n, long k, float *tmp, bf16 *y) {
+    long r0, r1;
+    share(n, &r0, &r1);
+    mat_rows(m, 0, n, k, x, qx, r0, r1, tmp);
+    for (long i = r0; i < r1; i++) y[i] = f2bf(b ? tmp[i] + bf2f(b[i]) : tmp[i]);
+}
+
+long phimoe_qlinear_scratch(long n, long k) { return qx_bytes(k) + 4 * n + 64; }
+
+/* y = bf16(m[e] x + b) for one bfloat16 vector x [k]; m [.., n, k] (b may be NULL) */
+void phimoe_qlinear(const Mat *m, long e, const bf16 *b, const bf16 *x, bf16 *y, long n, long k, void *scratch, int threads) {
+    QX qx;
+    float *tmp = (float *)qx_carve(&qx, k, (char *)scratch);
+    if (m->kind != W_BF16) quantize_x(x, &qx);
 #pragma omp parallel num_threads(threads)
     {
         long r0, r1;
         share(n, &r0, &r1);
-        expert_rows(W, scale, 0, n, k, x, r0, r1, tmp);
-        for (long i = r0; i < r1; i++) y[i] = f2bf(tmp[i]);
+        mat_rows(m, e, n, k, x, &qx, r0, r1, tmp);
+        for (long i = r0; i < r1; i++) y[i] = f2bf(b ? tmp[i] + bf2f(b[i]) : tmp[i]);
     }
+}
+
+/* the quantized form of x [k] as the kernels use it: q [k] (int16) and the block scales d [blocks] */
+void phimoe_quantize_x(const bf16 *x, long k, int16_t *q, float *d, void *scratch) {
+    QX qx;
+    qx_carve(&qx, k, (char *)scratch);
+    quantize_x(x, &qx);
+    memcpy(q, qx.q, 2 * k);
+    memcpy(d, qx.d, 4 * ((k + QB - 1) / QB));
 }
 
 /* ------------------------------------------------------------------------- the decoder layer */
@@ -185,11 +380,10 @@ typedef struct {
 } Dims;
 
 typedef struct {
-    const bf16 *ln1_w, *ln1_b, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
-    const bf16 *ln2_w, *ln2_b, *gate;
-    const void *w1, *w2, *w3;  /* the stacked experts: bfloat16, or int8 with row scales s1..s3 */
-    const float *s1, *s2, *s3; /* NULL for bfloat16 experts */
-    bf16 *k_cache, *v_cache;   /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
+    const bf16 *ln1_w, *ln1_b, *bq, *bk, *bv, *bo, *ln2_w, *ln2_b, *gate;
+    Mat q, k, v, o;          /* the attention projections: bfloat16 or quantized */
+    Mat w1, w2, w3;          /* the stacked experts [experts, ffn, hidden] / [experts, hidden, ffn] */
+    bf16 *k_cache, *v_cache; /* [kv_heads, rows, head_dim]; row T - 1 is written by the step */
 } Layer;
 
 /* float32 sum of n values, in 16 interleaved partial sums (vectorised; torch's order differs too) */
@@ -256,6 +450,7 @@ typedef struct { /* per-token working memory, carved from the caller's scratch *
     bf16 *h, *qkv, *att, *act;
     float *tmp, *scores, *router, *weights;
     int *chosen;
+    QX qh, qa, qact[64]; /* quantized h (norm output), attention output, expert activations */
 } Work;
 
 /* exp(v[i] - m) in place for v[i] <= m, in a form the compiler vectorises (glibc's expf is a call
@@ -419,15 +614,18 @@ static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
     }
 }
 
-static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16 *cos, const bf16 *sin, const Work *w) {
+static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16 *cos, const bf16 *sin, Work *w) {
     const int H = d->hidden, D = d->head_dim, F = d->ffn, qn = d->heads * D, kn = d->kv_heads * D;
     long r0, r1;
 #pragma omp single
-    layer_norm(x, L->ln1_w, L->ln1_b, H, d->eps, w->tmp, w->h);
+    {
+        layer_norm(x, L->ln1_w, L->ln1_b, H, d->eps, w->tmp, w->h);
+        if (L->q.kind || L->k.kind || L->v.kind) quantize_x(w->h, &w->qh);
+    }
     /* q, k, v */
-    linear_rows(L->wq, L->bq, w->h, qn, H, w->tmp, w->qkv);
-    linear_rows(L->wk, L->bk, w->h, kn, H, w->tmp + qn, w->qkv + qn);
-    linear_rows(L->wv, L->bv, w->h, kn, H, w->tmp + qn + kn, w->qkv + qn + kn);
+    mat_linear_rows(&L->q, L->bq, w->h, &w->qh, qn, H, w->tmp, w->qkv);
+    mat_linear_rows(&L->k, L->bk, w->h, &w->qh, kn, H, w->tmp + qn, w->qkv + qn);
+    mat_linear_rows(&L->v, L->bv, w->h, &w->qh, kn, H, w->tmp + qn + kn, w->qkv + qn + kn);
 #pragma omp barrier
 #pragma omp single
     {
@@ -438,9 +636,13 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
         }
     }
     attention(d, L, w, T);
+    if (L->o.kind) {
+#pragma omp single
+        quantize_x(w->att, &w->qa);
+    }
     /* x += o_proj(attention) */
     share(H, &r0, &r1);
-    dot_rows(L->wo, qn, w->att, r0, r1, w->tmp);
+    mat_rows(&L->o, 0, H, qn, w->att, &w->qa, r0, r1, w->tmp);
     for (long i = r0; i < r1; i++)
         x[i] = f2bf(bf2f(x[i]) + rb(L->bo ? w->tmp[i] + bf2f(L->bo[i]) : w->tmp[i]));
 #pragma omp barrier
@@ -450,17 +652,22 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
         dot_rows(L->gate, H, w->h, 0, d->experts, w->router);
         for (int e = 0; e < d->experts; e++) w->router[e] = rb(w->router[e]);
         phimoe_sparsemixer(w->router, d->experts, d->top_k, d->jitter_eps, w->chosen, w->weights);
+        if (L->w1.kind || L->w3.kind) quantize_x(w->h, &w->qh);
     }
     /* the chosen experts: act_k = bf16(bf16(silu(w1 h)) * (w3 h)) */
     share(F, &r0, &r1);
     for (int k = 0; k < d->top_k; k++) {
         const long e = w->chosen[k];
         float *g = w->tmp + 2L * k * F, *u = g + F;
-        expert_rows(L->w1, L->s1, e, F, H, w->h, r0, r1, g);
-        expert_rows(L->w3, L->s3, e, F, H, w->h, r0, r1, u);
+        mat_rows(&L->w1, e, F, H, w->h, &w->qh, r0, r1, g);
+        mat_rows(&L->w3, e, F, H, w->h, &w->qh, r0, r1, u);
         for (long i = r0; i < r1; i++) w->act[(long)k * F + i] = f2bf(rb(silu(rb(g[i]))) * rb(u[i]));
     }
 #pragma omp barrier
+    if (L->w2.kind) {
+#pragma omp single
+        for (int k = 0; k < d->top_k; k++) quantize_x(w->act + (long)k * F, &w->qact[k]);
+    }
     /* x += sum over the chosen experts, in expert order, of bf16(bf16(w2 act_k) * weight_k) */
     share(H, &r0, &r1);
     int order[64];
@@ -473,7 +680,7 @@ static void layer_step(const Dims *d, const Layer *L, bf16 *x, int T, const bf16
     for (int j = 0; j < d->top_k; j++) {
         const int k = order[j];
         const long e = w->chosen[k];
-        expert_rows(L->w2, L->s2, e, H, F, w->act + (long)k * F, r0, r1, y + (long)j * H);
+        mat_rows(&L->w2, e, H, F, w->act + (long)k * F, &w->qact[k], r0, r1, y + (long)j * H);
     }
     for (long i = r0; i < r1; i++) {
         float sum = 0.f;
@@ -491,7 +698,8 @@ long phimoe_scratch_bytes(const Dims *d, long T) {
     long qkv = (long)(d->heads + 2 * d->kv_heads) * d->head_dim, f = d->ffn, h = d->hidden;
     long floats = qkv + 2L * d->top_k * f + (long)d->top_k * h + h + 3L * d->experts + (long)d->heads * T;
     long halves = h + qkv + (long)d->heads * d->head_dim + (long)d->top_k * f;
-    return 4 * floats + 2 * halves + 64 * 8;
+    long quantized = 2 * qx_bytes(h) + qx_bytes((long)d->heads * d->head_dim) + d->top_k * qx_bytes(f);
+    return 4 * floats + 2 * halves + quantized + 64 * 8;
 }
 
 /* x [hidden] (bfloat16, updated in place) through every layer for the token at cache row T - 1
@@ -512,7 +720,10 @@ void phimoe_decode(const Dims *d, const Layer *layers, bf16 *x, int T, int posit
     w.h = (bf16 *)p, p += 2L * d->hidden;
     w.qkv = (bf16 *)p, p += 2 * qkv;
     w.att = (bf16 *)p, p += 2L * d->heads * D;
-    w.act = (bf16 *)p;
+    w.act = (bf16 *)p, p += 2L * d->top_k * d->ffn;
+    p = qx_carve(&w.qh, d->hidden, p);
+    p = qx_carve(&w.qa, (long)d->heads * D, p);
+    for (int k = 0; k < d->top_k; k++) p = qx_carve(&w.qact[k], d->ffn, p);
     bf16 cos[MAX_HEAD_DIM], sin[MAX_HEAD_DIM]; /* as LongRoPE.forward: bf16(cos(position * inv_freq) * mscale) */
     for (int i = 0; i < D; i++) {
         float f = (float)position * inv_freq[i % (D / 2)];

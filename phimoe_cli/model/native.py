@@ -37,12 +37,23 @@ class Dims(ctypes.Structure):
     ]
 
 
-LAYER_FIELDS = ("ln1_w", "ln1_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
-                "ln2_w", "ln2_b", "gate", "w1", "w2", "w3", "s1", "s2", "s3", "k_cache", "v_cache")
+BF16, INT8, Q4 = 0, 1, 2  # Mat.kind
+
+
+class Mat(ctypes.Structure):
+    """A weight matrix (or a stack of them) as the C step reads it: bfloat16, int8 rows with a
+    float32 scale each, or 4-bit codes with a float32 absmax per 64 weights and an int8 codebook."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("lut", ctypes.c_void_p), ("kind", ctypes.c_int)]
+
+
+VECTORS = ("ln1_w", "ln1_b", "bq", "bk", "bv", "bo", "ln2_w", "ln2_b", "gate")
+MATRICES = ("q", "k", "v", "o", "w1", "w2", "w3")
 
 
 class Layer(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_FIELDS]
+    _fields_ = ([(name, ctypes.c_void_p) for name in VECTORS] + [(name, Mat) for name in MATRICES]
+                + [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)])
 
 
 def cache_dir() -> Path:
@@ -83,9 +94,14 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_decode.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(Layer), ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.phimoe_linear_int8.restype = None
-    lib.phimoe_linear_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                                               ctypes.c_int]
+    lib.phimoe_qlinear_scratch.restype = ctypes.c_long
+    lib.phimoe_qlinear_scratch.argtypes = [ctypes.c_long, ctypes.c_long]
+    lib.phimoe_qlinear.restype = None
+    lib.phimoe_qlinear.argtypes = [ctypes.POINTER(Mat), ctypes.c_long] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_quantize_x.restype = None
+    lib.phimoe_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p]
     lib.phimoe_linear.restype = None
     lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -112,43 +128,58 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def expert_tensors(experts) -> tuple | None:
-    """(w1, w2, w3, s1, s2, s3) of a layer's experts as the C step reads them: bfloat16 stacks and
-    no scales, or int8 stacks and their float32 row scales; None for anything else."""
-    from .layers import Experts
-    from .quant import QuantizedExperts
+def matrix(weight) -> tuple[Mat, tuple] | None:
+    """``weight`` as the C step reads it, with the tensors it points to; None where it cannot:
+    a bfloat16 tensor [.., n, K], or quantized matrices (quant.QuantizedMatrices: int8, or 4-bit
+    with K a multiple of 64). On the CPU and contiguous."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype != torch.bfloat16:
+            return None
+        tensors, mat = (weight,), Mat(weight.data_ptr(), None, None, BF16)
+    else:
+        q, scale = getattr(weight, "qweight", None), getattr(weight, "scale", None)
+        quant = getattr(weight, "quant_type", None)
+        if q is None or scale is None or scale.dtype != torch.float32:
+            return None
+        if quant == "int8" and q.dtype == torch.int8:
+            tensors, mat = (q, scale), Mat(q.data_ptr(), scale.data_ptr(), None, INT8)
+        elif quant in ("nf4", "fp4") and q.dtype == torch.uint8 and weight.shape[1] % 64 == 0:
+            tensors, mat = (q, scale, weight.lut), Mat(q.data_ptr(), scale.data_ptr(), weight.lut.data_ptr(), Q4)
+        else:
+            return None
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    return mat, tensors
 
-    if type(experts) is Experts:
-        stacks = (experts.w1, experts.w2, experts.w3)
-        return (*stacks, None, None, None) if all(w.dtype == torch.bfloat16 for w in stacks) else None
-    if type(experts) is QuantizedExperts and experts.w1.quant_type == "int8":
-        m = (experts.w1, experts.w2, experts.w3)
-        if all(q.qweight.dtype == torch.int8 and q.scale.dtype == torch.float32 for q in m):
-            return (*(q.qweight for q in m), *(q.scale for q in m))
-    return None
+
+def layer_matrices(layer) -> dict | None:
+    """A decoder layer's seven matrices as ``matrix()`` gives them, or None if one cannot run in C."""
+    a, experts = layer.self_attn, layer.block_sparse_moe.experts
+    weights = {name: _weight_of(getattr(a, f"{name}_proj")) for name in ("q", "k", "v", "o")}
+    weights.update({name: getattr(experts, name, None) for name in ("w1", "w2", "w3")})
+    mats = {name: matrix(w) if w is not None else None for name, w in weights.items()}
+    return None if any(m is None for m in mats.values()) else mats
+
+
+def _weight_of(linear):
+    """The weight of a plain or quantized linear layer (a tensor or quantized matrices)."""
+    return getattr(linear, "weight_q", None) or getattr(linear, "weight", None)
 
 
 def supports(model) -> bool:
     """Whether the C step can run this model's one-token steps: on the CPU, contiguous, bfloat16
-    attention/norms/router, plain attention projections, and bfloat16 or int8 experts (not 4-bit,
-    not offloaded)."""
-    from .layers import Linear
-
+    norms/router/embeddings, and bfloat16, int8 or 4-bit attention projections and experts (not
+    offloaded)."""
     c = model.config
     if (c.head_dim > 512 or c.num_attention_heads // c.num_key_value_heads > 16 or c.num_local_experts > 256
             or c.num_experts_per_tok > 64):
         return False
-    tensors = [p for name, p in model.model.named_parameters() if ".experts." not in name]
-    if any(t.dtype != torch.bfloat16 for t in tensors):
+    dense = [p for name, p in model.model.named_parameters()
+             if ".experts." not in name and not name.endswith("_proj.weight")]  # those: layer_matrices
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in dense):
         return False
-    for layer in model.model.layers:
-        a, moe = layer.self_attn, layer.block_sparse_moe
-        experts = expert_tensors(moe.experts)
-        if experts is None or type(moe.gate) is not torch.nn.Linear or any(
-                type(p) is not Linear for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
-            return False
-        tensors += [t for t in experts if t is not None]
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return all(type(layer.block_sparse_moe.gate) is torch.nn.Linear and layer_matrices(layer) is not None
+               for layer in model.model.layers)
 
 
 class Decoder:
@@ -163,14 +194,15 @@ class Decoder:
         self.dims = Dims(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                          c.intermediate_size, c.num_local_experts, moe.top_k, c.num_hidden_layers,
                          c.rms_norm_eps, moe.jitter_eps, 1.0, 0)
-        self.weights = []
+        self.weights = []  # per layer: (vectors, matrices, the tensors they point to)
         for layer in model.layers:
             a, moe = layer.self_attn, layer.block_sparse_moe
-            self.weights.append((layer.input_layernorm.weight, layer.input_layernorm.bias,
-                                 a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                                 a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
-                                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
-                                 moe.gate.weight, *expert_tensors(moe.experts)))
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            vectors = (ln1.weight, ln1.bias, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
+                       ln2.weight, ln2.bias, moe.gate.weight)
+            mats = layer_matrices(layer)
+            self.weights.append((vectors, [mats[name][0] for name in MATRICES],
+                                 [t for name in MATRICES for t in mats[name][1]]))
         self.norm = (model.norm.weight, model.norm.bias)
         rope = model.rotary_emb
         self.inv_freq = {False: rope.short_inv_freq.float().contiguous(), True: rope.long_inv_freq.float().contiguous()}
@@ -189,8 +221,9 @@ class Decoder:
         if key == self._cache_key:
             return
         self.dims.cache_head_stride = cache.k.stride(2)
-        for i, tensors in enumerate(self.weights):
-            self.layers[i] = Layer(*(_ptr(t) for t in tensors), cache.k[i, 0].data_ptr(), cache.v[i, 0].data_ptr())
+        for i, (vectors, mats, _) in enumerate(self.weights):
+            self.layers[i] = Layer(*(_ptr(t) for t in vectors), *mats,
+                                   cache.k[i, 0].data_ptr(), cache.v[i, 0].data_ptr())
         need = self.lib.phimoe_scratch_bytes(ctypes.byref(self.dims), cache.k.shape[3])
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8)
@@ -209,14 +242,28 @@ class Decoder:
         return out
 
 
-def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """One bfloat16 row times an int8 matrix with float32 row scales, as ``_weight_int8pack_mm``."""
-    n, k = qweight.shape
+def qlinear(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: torch.Tensor | None = None):
+    """One bfloat16 row times matrix ``index`` of ``weight`` (anything ``matrix()`` takes) by the C
+    kernels: quantized weights against x quantized to int16 in blocks of 64, as the C step does."""
+    found = matrix(weight)
+    if found is None:
+        raise ValueError("the C kernels cannot read this weight")
+    mat, _ = found
+    n, k = weight.shape[-2:] if isinstance(weight, torch.Tensor) else weight.shape
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    tmp = torch.empty(n, dtype=torch.float32)
-    lib.phimoe_linear_int8(qweight.data_ptr(), scale.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), n, k,
-                           tmp.data_ptr(), torch.get_num_threads())
+    scratch = torch.empty(lib.phimoe_qlinear_scratch(n, k), dtype=torch.uint8)
+    lib.phimoe_qlinear(ctypes.byref(mat), index, _ptr(bias), x.contiguous().data_ptr(), y.data_ptr(), n, k,
+                       scratch.data_ptr(), torch.get_num_threads())
     return y
+
+
+def quantize_activations(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [K] (bfloat16) as the C kernels quantize it: int16 q [K] and float32 scales d [ceil(K / 64)]."""
+    k = x.numel()
+    q, d = torch.empty(k, dtype=torch.int16), torch.empty((k + 63) // 64, dtype=torch.float32)
+    scratch = torch.empty(lib.phimoe_qlinear_scratch(1, k), dtype=torch.uint8)
+    lib.phimoe_quantize_x(x.contiguous().data_ptr(), k, q.data_ptr(), d.data_ptr(), scratch.data_ptr())
+    return q, d
 
 
 def linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

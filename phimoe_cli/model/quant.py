@@ -5,16 +5,22 @@ also does q/k/v/o); the router, norms, embeddings and ``lm_head`` stay in the co
 
 * ``int8``: bitsandbytes' row-wise absmax int8 (``int8_vectorwise_quant``, LLM.int8 without
   outlier columns): ``w ≈ q * absmax_row / 127``.
-* ``nf4`` / ``fp4``: bitsandbytes' 4-bit formats, two weights a byte plus one float32 absmax per
-  64-weight block.
+* ``nf4`` / ``fp4``: bitsandbytes' 4-bit formats, two weights a byte (weight 2j in the high
+  nibble of byte j, 2j + 1 in the low one) plus one float32 absmax per 64-weight block. A code
+  stands for ``CODEBOOK[code] / 127 * absmax``: bitsandbytes' NF4 / FP4 value rounded to a
+  multiple of 1/127 (within 0.4% of the block's absmax; the 4-bit steps are ~25 times larger), so
+  that the C kernels multiply the codes as int8.
 
-Compute: int8 experts of a bfloat16 model decode in the C step (native.py), which reads the int8
-weights directly. Elsewhere int8 on CPU uses torch's weight-only int8 kernel
-(``_weight_int8pack_mm``), also reading int8 directly. 4-bit weights, and int8 elsewhere, are
+Compute: quantized layers of a bfloat16 model decode in the C step (native.py), which reads the
+int8 or 4-bit weights directly and multiplies them as integers by the activations quantized to
+int16 in blocks of 64 (within 1/65534 of each block's largest value). Elsewhere int8 on CPU uses
+torch's weight-only int8 kernel (``_weight_int8pack_mm``); 4-bit weights, and int8 elsewhere, are
 dequantized per expert and multiplied in the compute dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,11 @@ from .layers import Experts
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 BLOCKSIZE = 64
+#: The 4-bit code values as int8: round(127 * bitsandbytes' get_4bit_type(...)) (tests check it).
+CODEBOOK = {
+    "nf4": (-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127),
+    "fp4": (0, 1, 85, 127, 42, 64, 21, 32, 0, -1, -85, -127, -42, -64, -21, -32),
+}
 #: Stored bytes per weight, scales included (int8's one float32 per row is ~0.1% and left out).
 BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5 + 4 / BLOCKSIZE, "fp4": 0.5 + 4 / BLOCKSIZE}
 
@@ -61,6 +72,7 @@ class QuantizedMatrices(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(n, size // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scale", torch.zeros(n, size // BLOCKSIZE, dtype=torch.float32, device=device))
+            self.lut = codebook(quant_type)  # the codes as int8, as the C step reads them
 
     def store(self, i: int, weight: torch.Tensor) -> None:
         """Quantize one [out, in] matrix into slot ``i`` (the float matrix is not kept)."""
@@ -80,19 +92,33 @@ class QuantizedMatrices(nn.Module):
         dtype = dtype or self.dtype
         if self.quant_type == "int8":
             return (self.qweight[i].to(dtype) * self.scale[i, :, None].to(dtype))
-        bnbf = _bnb()
-        state = bnbf.QuantState(
-            absmax=self.scale[i], shape=torch.Size(self.shape),
-            code=bnbf.get_4bit_type(self.quant_type, device=self.qweight.device),
-            blocksize=BLOCKSIZE, quant_type=self.quant_type, dtype=dtype,
-        )
-        return bnbf.dequantize_4bit(self.qweight[i].reshape(-1, 1), state)
+        out = torch.empty(self.shape, dtype=dtype, device=self.qweight.device).view(-1, BLOCKSIZE)
+        packed, absmax = self.qweight[i].view(-1, BLOCKSIZE // 2), self.scale[i]
+        table = _byte_values(self.quant_type, self.qweight.device)
+        step = 1 << 14  # blocks at a time: the byte indices are int64
+        for b in range(0, packed.shape[0], step):
+            values = table[packed[b : b + step].long()].view(-1, BLOCKSIZE)  # float32
+            out[b : b + step] = values * absmax[b : b + step, None]
+        return out.view(self.shape)
 
     def linear(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.quant_type == "int8" and _int8_kernel_applies(x):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
         return prefill_linear(x, self.dequantize(i, x.dtype))
+
+
+@functools.cache
+def codebook(quant_type: str) -> torch.Tensor:
+    """The 16 code values of a 4-bit type as int8 (value * 127), on the CPU."""
+    return torch.tensor(CODEBOOK[quant_type], dtype=torch.int8, device="cpu")  # never the meta device of a build
+
+
+@functools.cache
+def _byte_values(quant_type: str, device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: what a byte of 4-bit codes stands for, its high nibble then its low one."""
+    code = codebook(quant_type).float() / 127
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), -1).to(device=device)
 
 
 def _int8_kernel_applies(x: torch.Tensor) -> bool:
