@@ -5,6 +5,7 @@ compared with what the memory delivered at that moment, and the paths with each 
 
     python3 benchmarks/decode_efficiency.py [native compiled eager]       # mid, bf16
     python3 benchmarks/decode_efficiency.py --shape phi-3.5-moe --layers 2 -q int8 native compiled
+    python3 benchmarks/decode_efficiency.py -q nf4 --quantize-attention native
 """
 
 import argparse
@@ -12,22 +13,24 @@ import time
 
 import torch
 
-from phimoe_cli.bench import active_bytes, quantize_experts, random_model, shape_config
+from phimoe_cli.bench import active_bytes, random_model, shape_config
 from phimoe_cli.model import hugepages, native
 from phimoe_cli.model.kernels import matvec
+from phimoe_cli.model.quant import quantize_in_place
 
 parser = argparse.ArgumentParser()
 parser.add_argument("kinds", nargs="*", default=["native", "compiled"])
 parser.add_argument("--shape", default="mid")
 parser.add_argument("--layers", type=int)
 parser.add_argument("-q", "--quantize", default="none")
+parser.add_argument("--quantize-attention", action="store_true")
 args = parser.parse_args()
 torch.set_num_threads(2)
 kinds = args.kinds
 cfg = shape_config(args.shape, args.layers)
 model = random_model(cfg, torch.bfloat16, torch.device("cpu"))
 if args.quantize != "none":
-    quantize_experts(model, args.quantize)
+    quantize_in_place(model, args.quantize, args.quantize_attention)
 cache = model.new_cache(1, 256)
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(0, 32000, (1, 128), generator=g)
@@ -36,7 +39,7 @@ w = hugepages.empty((65536, 4096), torch.bfloat16).fill_(1)
 v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
 big = hugepages.empty((128 << 20,), torch.float32).fill_(1)
 lib = native.library()
-active = active_bytes(cfg, torch.bfloat16, 128 + 31.5, args.quantize)
+active = active_bytes(cfg, torch.bfloat16, 128 + 31.5, args.quantize, args.quantize_attention)
 
 
 def read_bw() -> float:

@@ -33,7 +33,7 @@ from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, hugepages, native
 from phimoe_cli.model.kernels import cpuinfo, matvec, prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.offload import available_ram
-from phimoe_cli.model.quant import BYTES_PER_WEIGHT
+from phimoe_cli.model.quant import BYTES_PER_WEIGHT, quantize_in_place
 
 SHAPES: dict[str, dict] = {
     # the published Phi-3.5-MoE-instruct dimensions (42B parameters; use --layers to fit memory)
@@ -87,37 +87,24 @@ def weight_bytes(config: PhimoeConfig, dtype: torch.dtype) -> int:
 EXPERT_BYTES = BYTES_PER_WEIGHT  # per quantized expert weight, scales included
 
 
-def quantize_experts(model: PhimoeForCausalLM, quant_type: str) -> None:
-    """Replace every layer's experts by their quantized form, one layer at a time."""
-    from phimoe_cli.model.quant import QuantizedExperts
-
-    c = model.config
-    for layer in model.model.layers:
-        dense = layer.block_sparse_moe.experts
-        q = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type,
-                             dense.w1.dtype, dense.w1.device)
-        for name in ("w1", "w2", "w3"):
-            for e in range(c.num_local_experts):
-                getattr(q, name).store(e, getattr(dense, name)[e])
-        layer.block_sparse_moe.experts = q
-        del dense
-
-
-def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float, quantize: str = "none") -> int:
+def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float, quantize: str = "none",
+                 quantize_attention: bool = False) -> int:
     """Bytes one decode step must read: every dense weight, top_k of the experts, one embedding
     row, and the KV cache of ``context`` tokens."""
     c, size = config, dtype.itemsize
     h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-    attention = h * (q + 2 * kv) + q * h + (q + 2 * kv + h) * c.attention_bias
+    projections = h * (q + 2 * kv) + q * h
+    attention = (q + 2 * kv + h) * c.attention_bias + (0 if quantize_attention else projections)
     norms = 2 * 2 * h
     router = c.num_local_experts * h
     experts = c.num_experts_per_tok * 3 * h * f
     kv_cache = 2 * kv * context
     per_layer = attention + norms + router + kv_cache
     head = c.vocab_size * h + c.vocab_size * c.lm_head_bias + 2 * h + h  # lm_head, final norm, embedding row
-    expert_bytes = experts * EXPERT_BYTES.get(quantize, size)
-    return int((c.num_hidden_layers * per_layer + head) * size + c.num_hidden_layers * expert_bytes)
+    quantized = experts + (projections if quantize_attention else 0)
+    return int((c.num_hidden_layers * per_layer + head) * size
+               + c.num_hidden_layers * quantized * EXPERT_BYTES.get(quantize, size))
 
 
 # --------------------------------------------------------------------------------- measurements
@@ -327,9 +314,12 @@ def run(
     compare: str | None = None,
     seed: int = 0,
     quantize: str = "none",
+    quantize_attention: bool = False,
 ) -> dict:
     if quantize not in ("none", *EXPERT_BYTES):
         raise ValueError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(EXPERT_BYTES)})")
+    if quantize_attention and quantize == "none":
+        raise ValueError("--quantize-attention needs --quantize int8, nf4 or fp4")
     if quantize != "none" and compare is not None:
         raise ValueError("--compare runs on unquantized weights: use it without --quantize")
     if compare is not None and compare not in COMPARE:
@@ -359,7 +349,7 @@ def run(
     t = time.perf_counter()
     model = random_model(config, torch_dtype, dev, seed)
     if quantize != "none":
-        quantize_experts(model, quantize)
+        quantize_in_place(model, quantize, quantize_attention)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
     results = [time_engine(ours, prompt, steps, repeat, dev)]
@@ -376,7 +366,7 @@ def run(
 
     bandwidth = max(bandwidth, read_bandwidth(dev))  # again, after: the best of both counts
     context = prompt_tokens + (gen_tokens - 1) / 2  # mean tokens attended over the decode steps
-    active = active_bytes(config, torch_dtype, context, quantize)
+    active = active_bytes(config, torch_dtype, context, quantize, quantize_attention)
     roofline = bandwidth / active
     for r in results:
         r.roofline_pct = 100 * r.decode_tok_s / roofline
@@ -387,6 +377,7 @@ def run(
             "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size")},
         "dtype": str(torch_dtype).removeprefix("torch."),
         "quantize": quantize,
+        "quantize_attention": quantize_attention,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -437,6 +428,12 @@ def _machine(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def _quantized_what(result: dict) -> str:
+    if result.get("quantize", "none") == "none":
+        return ""
+    return f" with {result['quantize']} experts" + (" and attention" if result.get("quantize_attention") else "")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -451,7 +448,7 @@ def render(result: dict, console=None) -> None:
     title = (
         f"{result['shape']} ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
         f"{c['num_local_experts']} experts top-{c['num_experts_per_tok']}), {result['dtype']}"
-        f"{'' if result.get('quantize', 'none') == 'none' else ' with ' + result['quantize'] + ' experts'}, "
+        f"{_quantized_what(result)}, "
         f"{result['device']}, {result['threads']} threads, p={result['prompt_tokens']} "
         f"n={result['gen_tokens']}, best of {result['repeat']}"
     )

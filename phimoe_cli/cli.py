@@ -253,6 +253,7 @@ def bench(
     layers: int = typer.Option(None, "--layers", min=1, help="Keep only N layers (to fit memory)."),
     compare: str = typer.Option(None, "--compare", help="Also run 'transformers' on the same weights."),
     quantize: str = typer.Option("none", "--quantize", "-q", help="Experts as none, int8, nf4 or fp4."),
+    quantize_attention: bool = typer.Option(False, "--quantize-attention", help="Also quantize q/k/v/o."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Prefill and decode speed of a random-weight model of a given shape, against the roofline."""
@@ -261,6 +262,7 @@ def bench(
     raise typer.Exit(run_bench(
         as_json=json_out, shape=shape, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, dtype=dtype,
         device=device, threads=threads, repeat=repeat, layers=layers, compare=compare, quantize=quantize,
+        quantize_attention=quantize_attention,
     ))
 
 

@@ -8,6 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on as many workers as cores (pytest -n auto): one thread each, set before torch
+    # starts, or the workers' OpenMP threads spin against each other (measured 15x slower decode tests
+    # with two 2-thread workers on 2 cores). Tests of thread counts set them themselves.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from checkpoints import make_config, write_checkpoint
 from tokenizer_fixtures import build_tokenizer_dir, load_source

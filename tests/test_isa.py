@@ -69,7 +69,8 @@ def test_isa_sensitive_tests_pass_under_another_instruction_sets_kernels(tmp_pat
     env.pop("PHIMOE_PREFILL_DTYPE", None)  # decided from the capability, as on such a CPU
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-m", "isa", "-p", "no:cacheprovider",
-         "--basetemp", str(tmp_path / "t"), str(TESTS)],
+         # torch's kernels are what changes; the C step's other builds are test_native's own concern
+         "-k", "not generic and not avx2", "--basetemp", str(tmp_path / "t"), str(TESTS)],
         capture_output=True, text=True, env=env, timeout=600, cwd=TESTS.parent,
     )
     report = child.stdout[-4000:] + child.stderr[-2000:]

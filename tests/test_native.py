@@ -126,6 +126,39 @@ def test_quantized_linear_is_the_integer_product_of_the_quantized_vector(lib, qu
         assert ((y.double().reshape(n) - w @ x.double().reshape(k)).abs() <= bound + w.abs() @ step).all()
 
 
+@pytest.mark.parametrize("quant, n, k, rows", [("int8", 37, 100, 5), ("int8", 64, 1600, 17), ("nf4", 40, 128, 3),
+                                               ("fp4", 9, 1600, 8), ("nf4", 70, 576, 1)])
+def test_quantized_matmul_is_the_one_row_kernel_row_by_row(lib, quant, n, k, rows):
+    """The prompt's pass (many rows, on CPUs without bfloat16 dot products) multiplies each row as
+    the decode step does: the same integer sums per block, summed in another float32 order, so
+    within one bfloat16 rounding of the one-row kernel; and within the exact product's bound."""
+    m, values = _quantized(quant, n, k, seed=3 * n + k)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    y = native.qmatmul(lib, x, m, 1, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    for t in range(rows):
+        one = native.qlinear(lib, x[t].reshape(1, 1, k), m, 1, bias).reshape(n)
+        assert ((y[t].float() - one.float()).abs() <= 2.0**-7 * one.float().abs() + 1e-6).all(), t
+        q, d = native.quantize_activations(lib, x[t])
+        x_hat = q.double() * d.double().repeat_interleave(64)[:k]
+        exact = values[1] @ x_hat + bias.double()
+        bound = 2.0**-8 * exact.abs() + 1e-6 * k * (values[1].abs() @ x_hat.abs())
+        assert ((y[t].double() - exact).abs() <= bound).all(), t
+
+
+@pytest.mark.parametrize("quant, n, k", [("int8", 37, 100), ("nf4", 40, 128), ("fp4", 9, 1600)])
+def test_dequantized_rows_are_the_values_dequantize_gives(lib, quant, n, k):
+    """Prefill multiplies quantized weights widened by the C kernels, a block of rows at a time:
+    bit for bit the float32 values of QuantizedMatrices.dequantize (the same float32 operations)."""
+    m, _ = _quantized(quant, n, k, seed=n + k)
+    for index in (0, 1):
+        out = torch.full((n - 3, k), float("nan"))
+        assert native.dequantize_rows(lib, m, index, 2, n - 1, out)
+        assert torch.equal(out, m.dequantize(index, torch.float32)[2 : n - 1])
+
+
 def sparsemixer_c(lib, scores: torch.Tensor, top_k: int, jitter_eps: float):
     n = scores.numel()
     s = scores.float().contiguous()
@@ -334,7 +367,10 @@ def test_default_kernel_for_bfloat16_and_float32_models(ckpts, monkeypatch):
     assert q.model.native is not None and q.decode_kernel == "native"  # int8 experts: in the C step too
     q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="nf4")
     q.use_decode_kernel("native")
-    assert q.model.native is None and q.decode_kernel == "compiled"  # 4-bit experts: per-part kernels
+    assert q.model.native is None and q.decode_kernel == "compiled"  # 4-bit rows of 96: not in C
+    q = load_model(ckpts["q4"], dtype=torch.bfloat16, quantize="nf4", quantize_attention=True)
+    q.use_decode_kernel("native")
+    assert q.model.native is not None and q.decode_kernel == "native"  # widths multiples of 64: in C
 
 
 def test_without_a_compiler_the_compiled_kernels_take_over(ckpts, monkeypatch, tmp_path):

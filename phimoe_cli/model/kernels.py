@@ -151,19 +151,28 @@ def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def upcast_linear(x, weight, bias=None, block_bytes: int = UPCAST_BLOCK_BYTES) -> torch.Tensor:
     """``F.linear`` with ``weight`` widened to float32 a block of rows at a time."""
-    n, k = weight.shape
+    return blocked_linear(x, weight.shape, lambda start, end, out: out.copy_(weight[start:end]), bias,
+                          block_bytes=block_bytes)
+
+
+def blocked_linear(x, shape, fill, bias=None, dtype=torch.float32, block_bytes: int = UPCAST_BLOCK_BYTES):
+    """``F.linear`` by a weight of ``shape`` [n, k] that exists only a block of rows at a time:
+    ``fill(start, end, out)`` writes rows start..end into the float32 block ``out``, which is then
+    multiplied in ``dtype`` (float32, or rounded to bfloat16 / float16 first)."""
+    n, k = shape
     rows = max(1, min(n, block_bytes // (4 * k)))
-    xf = x.reshape(-1, k).float()
-    out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=x.device)
+    xc = x.reshape(-1, k).to(dtype)
+    out = torch.empty(xc.shape[0], n, dtype=dtype, device=x.device)
     block = _scratch(rows * k, x.device).view(rows, k)
     for start in range(0, n, rows):
         w = block[: min(rows, n - start)]
-        w.copy_(weight[start : start + rows])
         end = start + w.shape[0]
+        fill(start, end, w)
+        wc = w if dtype == torch.float32 else w.to(dtype)
         if bias is None:
-            out[:, start:end] = xf @ w.t()
+            out[:, start:end] = xc @ wc.t()
         else:
-            out[:, start:end] = torch.addmm(bias[start:end].float(), xf, w.t())
+            out[:, start:end] = torch.addmm(bias[start:end].to(dtype), xc, wc.t())
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

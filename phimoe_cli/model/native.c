@@ -202,7 +202,7 @@ static void quantize_x(const bf16 *x, QX *o) {
             o->q[i] = (int16_t)(v > 32767.f ? 32767.f : v < -32767.f ? -32767.f : v);
         }
         o->d[i0 / QB] = d;
-        if (i1 - i0 == QB && K % 64 == 0)
+        if (o->qp && i1 - i0 == QB && K % 64 == 0)
             for (int j = 0; j < 32; j++) {
                 o->qp[i0 + j] = o->q[i0 + 2 * j + 1];
                 o->qp[i0 + 32 + j] = o->q[i0 + 2 * j];
@@ -246,15 +246,7 @@ static void dot_rows_i8(const int8_t *W, long K, const QX *x, long r0, long r1, 
         const int8_t *w = W + i * K;
         float t = 0.f;
         long k = 0;
-#if defined(__AVX512BW__)
-        __m512 f = _mm512_setzero_ps();
-        for (; k + QB <= K; k += QB) {
-            __m512i acc = dot32(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)(w + k)), x->q + k);
-            acc = dot32(acc, _mm256_loadu_si256((const __m256i *)(w + k + 32)), x->q + k + 32);
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(x->d[k / QB]), f);
-        }
-        t = _mm512_reduce_add_ps(f);
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) /* (a 512-bit version measured no faster in the decode step) */
         __m256 f = _mm256_setzero_ps();
         for (; k + QB <= K; k += QB) {
             const __m256i a = _mm256_add_epi32(madd16(_mm_loadu_si128((const __m128i *)(w + k)), x->q + k),
@@ -360,6 +352,194 @@ void phimoe_qlinear(const Mat *m, long e, const bf16 *b, const bf16 *x, bf16 *y,
         share(n, &r0, &r1);
         mat_rows(m, e, n, k, x, &qx, r0, r1, tmp);
         for (long i = r0; i < r1; i++) y[i] = f2bf(b ? tmp[i] + bf2f(b[i]) : tmp[i]);
+    }
+}
+
+/* rows r0..r1 of matrix e of m, as float32 values, into out [(r1 - r0), K]: int8 q * scale;
+ * 4-bit (lut[code] / 127) * absmax; the same float32 operations as quant.dequantize, so the
+ * same values. For prefill, which multiplies many rows by each weight. */
+void phimoe_dequantize(const Mat *m, long e, long n, long K, long r0, long r1, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = r0; i < r1; i++) {
+        float *o = out + (i - r0) * K;
+        if (m->kind == W_I8) {
+            const int8_t *w = (const int8_t *)m->w + (e * n + i) * K;
+            const float s = m->s[e * n + i];
+            for (long k = 0; k < K; k++) o[k] = (float)w[k] * s;
+            continue;
+        }
+        const uint8_t *p = (const uint8_t *)m->w + (e * n + i) * (K / 2);
+        const float *a = m->s + (e * n + i) * (K / 64);
+        float code[16];
+        for (int c = 0; c < 16; c++) code[c] = (float)m->lut[c] / 127.f;
+#if defined(__AVX512F__)
+        const __m512 tbl = _mm512_loadu_ps(code);
+        for (long b = 0; b < K / 64; b++) {
+            const __m512 av = _mm512_set1_ps(a[b]);
+            for (int j = 0; j < 32; j += 8) { /* 8 bytes: 16 codes, high nibble first */
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 32 * b + j)));
+                /* lanes 0-7: bytes j..j+7 twice over, as (high, low) pairs */
+                const __m512i pairs = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+                const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+                const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15));
+                _mm512_storeu_ps(o + 64 * b + 2 * j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av));
+            }
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
+        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+        for (long b = 0; b < K / 64; b++) {
+            const __m256 av = _mm256_set1_ps(a[b]);
+            for (int j = 0; j < 32; j += 4) { /* 4 bytes: 8 codes, high nibble first */
+                int32_t bytes;
+                memcpy(&bytes, p + 32 * b + j, 4);
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+                const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v, dup), shift),
+                                                     _mm256_set1_epi32(15));
+                const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign bit: code >= 8 */
+                const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx), high);
+                _mm256_storeu_ps(o + 64 * b + 2 * j, _mm256_mul_ps(val, av));
+            }
+        }
+#else
+        for (long b = 0; b < K / 64; b++)
+            for (int j = 0; j < 32; j++) {
+                const uint8_t v = p[32 * b + j];
+                o[64 * b + 2 * j] = code[v >> 4] * a[b];
+                o[64 * b + 2 * j + 1] = code[v & 15] * a[b];
+            }
+#endif
+    }
+}
+
+/* --------------------------------------------------------------- the prompt's pass: many rows
+ * Y [M, n] = bf16(X [M, K] W^T + b) for quantized W: X's rows quantized to int16 per 64 as the
+ * decode step quantizes one, each weight row widened to int16 once (into a buffer that stays in
+ * L1) and multiplied against four rows of X at a time, in integers per 64-block; so a weight is
+ * unpacked once per pass, not once per token, and never widened to float. */
+long phimoe_qmatmul_scratch(long M, long K, int threads) {
+    const long nb = (K + QB - 1) / QB, M4 = (M + 3) / 4 * 4;
+    return M4 * (2 * round64(K) + 4 * round64(nb)) + threads * (2 * round64(K) + 64) + 256;
+}
+
+/* weight row i of matrix e as int16 values in order (4-bit: the codes, lut[code]) */
+static void widen_row(const Mat *m, long e, long n, long K, long i, int16_t *w) {
+    if (m->kind == W_I8) {
+        const int8_t *r = (const int8_t *)m->w + (e * n + i) * K;
+        for (long k = 0; k < K; k++) w[k] = r[k];
+        return;
+    }
+    const uint8_t *p = (const uint8_t *)m->w + (e * n + i) * (K / 2);
+    long b = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm256_set1_epi8(15);
+    for (; b < K / 64; b++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
+        const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
+        /* per 128-bit lane: (high, low) pairs of bytes 0-7 and of bytes 8-15: values in order */
+        const __m256i e0 = _mm256_unpacklo_epi8(hi, lo), e1 = _mm256_unpackhi_epi8(hi, lo);
+        const __m256i n0 = _mm256_permute2x128_si256(e0, e1, 0x20), n1 = _mm256_permute2x128_si256(e0, e1, 0x31);
+        int16_t *o = w + 64 * b;
+        _mm256_storeu_si256((__m256i *)o, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(n0)));
+        _mm256_storeu_si256((__m256i *)(o + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(n0, 1)));
+        _mm256_storeu_si256((__m256i *)(o + 32), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(n1)));
+        _mm256_storeu_si256((__m256i *)(o + 48), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(n1, 1)));
+    }
+#endif
+    for (; b < K / 64; b++)
+        for (int j = 0; j < 32; j++) {
+            w[64 * b + 2 * j] = m->lut[p[32 * b + j] >> 4];
+            w[64 * b + 2 * j + 1] = m->lut[p[32 * b + j] & 15];
+        }
+}
+
+/* out[t] = sum over 64-blocks of c_b * d_t,b * (w . q_t over the block), for the four rows
+ * q_0..q_3 of X (stride ldq values, scales D rows of stride ldd); c: the weight's block scales
+ * (4-bit: absmax / 127), or NULL for 1 */
+static void dot4(const int16_t *w, long K, const int16_t *q, long ldq, const float *D, long ldd, const float *c, float *out) {
+    long k = 0;
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX512BW__)
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + QB <= K; k += QB) {
+        const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
+        const __m512 cb = _mm512_set1_ps(c ? c[k / QB] : 1.f);
+        for (int j = 0; j < 4; j++) {
+            const int16_t *qj = q + j * ldq + k;
+#if defined(__AVX512VNNI__)
+            const __m512i acc = _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, _mm512_loadu_si512(qj)), w1, _mm512_loadu_si512(qj + 32));
+#else
+            const __m512i acc = _mm512_add_epi32(_mm512_madd_epi16(w0, _mm512_loadu_si512(qj)), _mm512_madd_epi16(w1, _mm512_loadu_si512(qj + 32)));
+#endif
+            f[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), cb), _mm512_set1_ps(D[j * ldd + k / QB]), f[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) t[j] = _mm512_reduce_add_ps(f[j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; k + QB <= K; k += QB) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + k)), w1 = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+        const __m256i w2 = _mm256_loadu_si256((const __m256i *)(w + k + 32)), w3 = _mm256_loadu_si256((const __m256i *)(w + k + 48));
+        const __m256 cb = _mm256_set1_ps(c ? c[k / QB] : 1.f);
+        for (int j = 0; j < 4; j++) {
+            const __m256i *qj = (const __m256i *)(q + j * ldq + k);
+            const __m256i acc = _mm256_add_epi32(
+                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(qj)), _mm256_madd_epi16(w1, _mm256_loadu_si256(qj + 1))),
+                _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(qj + 2)), _mm256_madd_epi16(w3, _mm256_loadu_si256(qj + 3))));
+            f[j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), cb), _mm256_broadcast_ss(D + j * ldd + k / QB), f[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) t[j] = hsum256(f[j]);
+#endif
+    for (; k < K; k += QB) { /* plain C, and the last partial block */
+        const long len = K - k < QB ? K - k : QB;
+        const float cb = c ? c[k / QB] : 1.f;
+        for (int j = 0; j < 4; j++) {
+            int32_t s = 0;
+            for (long i = 0; i < len; i++) s += (int32_t)w[k + i] * q[j * ldq + k + i];
+            t[j] += (float)s * cb * D[j * ldd + k / QB];
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = t[j];
+}
+
+void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M, const bf16 *b, bf16 *Y,
+                    void *scratch, int threads) {
+    const long nb = (K + QB - 1) / QB, ldq = round64(K), ldd = round64(nb);
+    const long M4 = (M + 3) / 4 * 4; /* rows of X beyond M: zeros, computed and dropped */
+    char *p = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    int16_t *Q = (int16_t *)p;
+    p += 2 * M4 * ldq;
+    float *D = (float *)p;
+    p += 4 * M4 * ldd;
+#pragma omp parallel num_threads(threads)
+    {
+        int16_t *w = (int16_t *)(p + omp_get_thread_num() * (2 * round64(K) + 64));
+#pragma omp for schedule(static)
+        for (long t = 0; t < M4; t++) {
+            QX qx = {Q + t * ldq, NULL, D + t * ldd, K};
+            if (t < M) {
+                quantize_x(X + t * K, &qx);
+            } else {
+                memset(qx.q, 0, 2 * K);
+                memset(qx.d, 0, 4 * nb);
+            }
+        }
+        long r0, r1;
+        share(n, &r0, &r1);
+        float out[4];
+        for (long i = r0; i < r1; i++) {
+            widen_row(m, e, n, K, i, w);
+            /* int8: the row's scale, rounded to bfloat16 as in the decode step; 4-bit: the absmax
+             * of each block, and the codes' 1 / 127 */
+            const float *ci = m->kind == W_Q4 ? m->s + (e * n + i) * (K / 64) : NULL;
+            const float s = m->kind == W_I8 ? rb(m->s[e * n + i]) : 1.f / 127.f, bias = b ? bf2f(b[i]) : 0.f;
+            for (long t = 0; t < M; t += 4) {
+                dot4(w, K, Q + t * ldq, ldq, D + t * ldd, ldd, ci, out);
+                for (int j = 0; j < 4 && t + j < M; j++) Y[(t + j) * n + i] = f2bf(out[j] * s + bias);
+            }
+        }
     }
 }
 

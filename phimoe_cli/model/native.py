@@ -99,6 +99,13 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_qlinear.restype = None
     lib.phimoe_qlinear.argtypes = [ctypes.POINTER(Mat), ctypes.c_long] + [ctypes.c_void_p] * 3 + [
         ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_dequantize.restype = None
+    lib.phimoe_dequantize.argtypes = [ctypes.POINTER(Mat)] + [ctypes.c_long] * 5 + [ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_qmatmul_scratch.restype = ctypes.c_long
+    lib.phimoe_qmatmul_scratch.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.phimoe_qmatmul.restype = None
+    lib.phimoe_qmatmul.argtypes = [ctypes.POINTER(Mat)] + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_long] + [
+        ctypes.c_void_p] * 3 + [ctypes.c_int]
     lib.phimoe_quantize_x.restype = None
     lib.phimoe_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p]
@@ -255,6 +262,34 @@ def qlinear(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: tor
     lib.phimoe_qlinear(ctypes.byref(mat), index, _ptr(bias), x.contiguous().data_ptr(), y.data_ptr(), n, k,
                        scratch.data_ptr(), torch.get_num_threads())
     return y
+
+
+def qmatmul(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: torch.Tensor | None = None):
+    """``F.linear`` of many bfloat16 rows x [..., K] by matrix ``index`` of quantized ``weight``
+    (the prompt's pass): integer products against x's rows quantized to int16 per 64, as the
+    decode step multiplies one row. None where the C kernels cannot read ``weight``."""
+    found = matrix(weight)
+    if found is None or isinstance(weight, torch.Tensor):
+        return None
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    threads = torch.get_num_threads()
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    scratch = torch.empty(lib.phimoe_qmatmul_scratch(rows.shape[0], k, threads), dtype=torch.uint8)
+    lib.phimoe_qmatmul(ctypes.byref(found[0]), index, n, k, rows.data_ptr(), rows.shape[0], _ptr(bias), y.data_ptr(),
+                       scratch.data_ptr(), threads)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize_rows(lib: ctypes.CDLL, weight, index: int, start: int, end: int, out: torch.Tensor) -> bool:
+    """Rows start..end of matrix ``index`` of quantized matrices ``weight`` as float32 values, into
+    ``out`` (contiguous, float32, on the CPU); False where the C kernels cannot read ``weight``."""
+    found = matrix(weight)
+    if found is None or not out.is_contiguous() or out.dtype != torch.float32:
+        return False
+    n, k = weight.shape
+    lib.phimoe_dequantize(ctypes.byref(found[0]), index, n, k, start, end, out.data_ptr(), torch.get_num_threads())
+    return True
 
 
 def quantize_activations(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import prefill_linear
+from . import native
+from .kernels import blocked_linear, prefill_dtype, prefill_linear
 from .layers import Experts
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
@@ -105,6 +106,23 @@ class QuantizedMatrices(nn.Module):
         if self.quant_type == "int8" and _int8_kernel_applies(x):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
+        lib = native.library() if self.qweight.device.type == "cpu" and x.dtype != torch.float64 else None
+        compute = prefill_dtype(x.dtype)
+        if lib is not None and x.dtype == torch.bfloat16 and compute != torch.bfloat16:
+            # many bfloat16 rows (prefill) on a CPU without bfloat16 dot products: integer products
+            # in C, as the decode step computes one row (measured 2x the float32 GEMM of widened
+            # weights with an expert's ~17 rows, AVX2)
+            y = native.qmatmul(lib, x, self, i)
+            if y is not None:
+                return y
+        if lib is not None and native.matrix(self) is not None:
+            # many rows where the CPU multiplies bfloat16 natively (its GEMM is ~3x our integer
+            # kernel with 128 rows, AVX512-BF16), or float32 rows: the C kernels widen a block of
+            # weight rows at a time, multiplied in the prefill dtype
+            def fill(start, end, out):
+                native.dequantize_rows(lib, self, i, start, end, out)
+
+            return blocked_linear(x, self.shape, fill, dtype=compute)
         return prefill_linear(x, self.dequantize(i, x.dtype))
 
 
@@ -145,6 +163,29 @@ class QuantizedExperts(Experts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.w2.linear(e, F.silu(self.w1.linear(e, x)) * self.w3.linear(e, x))
+
+
+def quantize_in_place(model, quant_type: str, attention: bool = False) -> None:
+    """Replace a float model's experts (and with ``attention`` its q/k/v/o) by quantized copies,
+    one layer at a time (the float weights of a layer are freed as soon as it is done)."""
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        dense = moe.experts
+        e, f, h = dense.w1.shape
+        q = QuantizedExperts(e, h, f, quant_type, dense.w1.dtype, dense.w1.device)
+        for name in ("w1", "w2", "w3"):
+            for i in range(e):
+                getattr(q, name).store(i, getattr(dense, name)[i])
+        moe.experts = q
+        if attention:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                old = getattr(layer.self_attn, name)
+                new = QuantizedLinear(old.in_features, old.out_features, old.bias is not None, quant_type,
+                                      old.weight.dtype, old.weight.device)
+                new.weight_q.store(0, old.weight)
+                if old.bias is not None:
+                    new.bias.data.copy_(old.bias)
+                setattr(layer.self_attn, name, new)
 
 
 class QuantizedLinear(nn.Module):
