@@ -75,22 +75,29 @@ def build_llama_cpp() -> Path:
     return src
 
 
-def make_checkpoint(shape: str, work: Path) -> Path:
+def make_checkpoint(shape: str, work: Path, layers: int | None = None) -> Path:
     """A random-weight checkpoint of ``shape`` in the hub's layout, bf16 on disk, with tokenizer files."""
-    path = work / f"{shape}-bf16"
+    path = work / f"{shape}{f'-{layers}layers' if layers else ''}-bf16"
     if (path / "model.safetensors.index.json").exists():
         return path
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
-    from checkpoints import make_config, write_checkpoint
+    from checkpoints import make_config, published_config, write_checkpoint
     from tokenizer_fixtures import build_tokenizer_dir, load_source
 
     from phimoe_cli.bench import SHAPES
 
     build_tokenizer_dir(path, load_source())
-    write_checkpoint(path, make_config(0, **{**SHAPES[shape], "max_position_embeddings": 4096,
-                                            "original_max_position_embeddings": 4096, "sliding_window": 4096}),
-                     shards=2, dtype=torch.bfloat16)
+    dims = dict(SHAPES[shape])
+    if not dims:  # the published dimensions (make_config starts from the tests' tiny ones)
+        published = published_config()
+        dims = {k: published[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads", "num_local_experts", "vocab_size")}
+    if layers:
+        dims["num_hidden_layers"] = layers
+    config = make_config(0, **dims, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                         sliding_window=4096)
+    write_checkpoint(path, config, shards=4, dtype=torch.bfloat16)
     return path
 
 
@@ -184,6 +191,7 @@ def isa() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mid")
+    ap.add_argument("--layers", type=int, help="keep only N layers (the real dimensions: --layers 2 fits 24 GB)")
     ap.add_argument("--settings", default="bf16,int8,nf4")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -193,7 +201,7 @@ def main() -> None:
     src = build_llama_cpp()
     work = peers_dir() / "models"
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(args.shape, work)
+    checkpoint = make_checkpoint(args.shape, work, args.layers)
     prompt = prompt_of(checkpoint, args.prompt)
     settings = args.settings.split(",")
     models = {s: (ours_checkpoint(checkpoint, SETTINGS[s][0], work), gguf(src, checkpoint, SETTINGS[s][1], work))
@@ -207,7 +215,8 @@ def main() -> None:
             best[s] = [max(a, b) for a, b in zip(best[s], got, strict=True)]
             print(f"round {r + 1} {s}: ours {got[0]:.0f} / {got[1]:.1f}, llama.cpp {got[2]:.0f} / {got[3]:.1f} tok/s",
                   file=sys.stderr)
-    print(f"{args.shape}, {args.threads} threads, prompt {args.prompt}, {args.gen} new tokens, best of "
+    layers = f" ({args.layers} layers)" if args.layers else ""
+    print(f"{args.shape}{layers}, {args.threads} threads, prompt {args.prompt}, {args.gen} new tokens, best of "
           f"{args.rounds} interleaved rounds; CPU: {isa()}")
     print("| setting | phimoe prefill / decode tok/s | llama.cpp | prefill / decode tok/s | ratio prefill |"
           " ratio decode |")

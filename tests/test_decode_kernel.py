@@ -168,37 +168,43 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
 
 
 def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatch):
-    """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, their rows
-    are widened by the C kernels a block at a time and multiplied in bfloat16 (blocked_linear);
-    where prefill widens to float32, they are multiplied as integers against int16 activations
-    (native.qmatmul), which beats widening them to float32. Either way close to each other."""
+    """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, an expert's
+    rows beyond 16 go to the bfloat16 GEMM with its weight rows widened by C a block at a time
+    (blocked_linear); where prefill widens to float32, and for few rows, they are multiplied as
+    integers against int16 activations (native.qmatmul). Either way close to each other."""
     from phimoe_cli.model import native
 
     if native.library() is None:
         pytest.skip("no C toolchain here")
-    x = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(7))
+    x = torch.randint(0, 32000, (1, 60), generator=torch.Generator().manual_seed(7))  # ~30 rows an expert
     model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
-    calls = {"qmatmul": [], "blocked": []}
+    calls = []
     real_qmatmul, real_blocked = native.qmatmul, kernels.blocked_linear
+
     def qmatmul(lib, x, w, *args):
-        calls["qmatmul"].append(w.shape)
+        calls.append(("qmatmul", tuple(w.shape), x.numel() // x.shape[-1]))
         return real_qmatmul(lib, x, w, *args)
 
     def blocked(x, shape, *args, **kw):
-        calls["blocked"].append(tuple(shape))
+        calls.append(("blocked", tuple(shape), x.numel() // x.shape[-1]))
         return real_blocked(x, shape, *args, **kw)
 
     monkeypatch.setattr(native, "qmatmul", qmatmul)
     monkeypatch.setattr(quant, "blocked_linear", blocked)
-    ffn, hidden = model.config.intermediate_size, model.config.hidden_size
+    experts = {(model.config.intermediate_size, model.config.hidden_size),
+               (model.config.hidden_size, model.config.intermediate_size)}
     with torch.inference_mode():
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
         in_bf16 = model(x).float()
-        assert {(ffn, hidden), (hidden, ffn)} <= set(calls["blocked"]) and not calls["qmatmul"]
+        assert all((kind == "blocked") == (rows > 16) for kind, shape, rows in calls if shape in experts)
+        assert experts <= {shape for kind, shape, _ in calls if kind == "blocked"}
+        calls.clear()
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
         as_integers = model(x).float()
-    assert {(ffn, hidden), (hidden, ffn)} <= set(calls["qmatmul"])
-    assert (as_integers - in_bf16).abs().max() <= 0.1 * in_bf16.abs().max()
+    assert experts <= {shape for _, shape, _ in calls} and all(kind == "qmatmul" for kind, _, _ in calls)
+    # per position, within a few bfloat16 steps, but for a routing flip here and there
+    err, scale = (as_integers - in_bf16).abs().amax(-1), in_bf16.abs().max()
+    assert err.median() <= 0.02 * scale and (err <= 0.05 * scale).float().mean() >= 0.9
 
 
 def test_inductor_cache_is_kept_apart_per_instruction_set(monkeypatch):

@@ -170,21 +170,24 @@ typedef struct {
 
 typedef struct {  /* one activation vector of K values, quantized; views of scratch memory */
     int16_t *q;   /* [K]: q, in order */
-    int16_t *qp;  /* [K] (K % 64 == 0 only): per block, its odd values then its even ones (the order
-                   * of the 4-bit codes once split into low and high nibbles) */
+    int16_t *qp;  /* [K + 128] (K % 64 == 0 only): q in the order the 4-bit kernels meet the codes.
+                   * Those split a block's 32 bytes into low nibbles (values 2j + 1) and high ones
+                   * (values 2j), then each into the bytes of even and odd j, as 16-bit lanes: so per
+                   * pair of blocks A, B (128 values), the values 4t + 1 of A (16), of B (16), then
+                   * 4t + 3, 4t, 4t + 2 likewise */
     float *d;     /* [blocks]: the block scales */
     long K;
 } QX;
 
 static long round64(long n) { return (n + 63) / 64 * 64; }
 
-static long qx_bytes(long K) { return 2 * round64(K) * 2 + 4 * round64((K + QB - 1) / QB) + 64; }
+static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 4 * round64((K + QB - 1) / QB) + 64; }
 
 static char *qx_carve(QX *o, long K, char *p) {
     p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
     o->K = K;
     o->q = (int16_t *)p, p += 2 * round64(K);
-    o->qp = (int16_t *)p, p += 2 * round64(K);
+    o->qp = (int16_t *)p, p += 2 * round64(K + 128);
     o->d = (float *)p, p += 4 * round64((K + QB - 1) / QB);
     return p;
 }
@@ -194,19 +197,39 @@ static void quantize_x(const bf16 *x, QX *o) {
     const long K = o->K;
     for (long i0 = 0; i0 < K; i0 += QB) {
         const long i1 = i0 + QB < K ? i0 + QB : K;
-        float amax = 0.f;
+        float amax = 0.f, d, id;
+#if defined(__AVX512F__)
+        if (i1 - i0 == QB) { /* a whole block: the same operations, 16 at a time (x * id rounds to even) */
+            __m512 v[4];
+            for (int j = 0; j < 4; j++) v[j] = WIDEN_BF16(x + i0 + 16 * j);
+            amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                                      _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3]))));
+            d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_si256((__m256i *)(o->q + i0 + 16 * j),
+                                    _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(id)))));
+            goto quantized;
+        }
+#endif
         for (long i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(bf2f(x[i])));
-        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
         for (long i = i0; i < i1; i++) {
             float v = nearbyintf(bf2f(x[i]) * id);
             o->q[i] = (int16_t)(v > 32767.f ? 32767.f : v < -32767.f ? -32767.f : v);
         }
+#if defined(__AVX512F__)
+    quantized:
+#endif
         o->d[i0 / QB] = d;
-        if (o->qp && i1 - i0 == QB && K % 64 == 0)
-            for (int j = 0; j < 32; j++) {
-                o->qp[i0 + j] = o->q[i0 + 2 * j + 1];
-                o->qp[i0 + 32 + j] = o->q[i0 + 2 * j];
+        if (o->qp && i1 - i0 == QB && K % 64 == 0) {
+            int16_t *pair = o->qp + (i0 / 128) * 128 + ((i0 / 64) % 2) * 16; /* this block's half of its pair */
+            for (int t = 0; t < 16; t++) {
+                pair[t] = o->q[i0 + 4 * t + 1];
+                pair[32 + t] = o->q[i0 + 4 * t + 3];
+                pair[64 + t] = o->q[i0 + 4 * t];
+                pair[96 + t] = o->q[i0 + 4 * t + 2];
             }
+        }
     }
 }
 
@@ -229,13 +252,12 @@ static inline __m256i madd16(__m128i w8, const int16_t *q) {
 }
 #endif
 #if defined(__AVX512BW__)
-/* acc + the int32 sums of 32 int8 weights (widened) times 32 int16 values, in pairs */
-static inline __m512i dot32(__m512i acc, __m256i w8, const int16_t *q) {
-    const __m512i w = _mm512_cvtepi8_epi16(w8), v = _mm512_loadu_si512(q);
+/* acc + the int32 sums of 32 int16 lanes of w times 32 int16 values, in pairs */
+static inline __m512i dpw(__m512i acc, __m512i w, const int16_t *q) {
 #if defined(__AVX512VNNI__)
-    return _mm512_dpwssd_epi32(acc, w, v);
+    return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(q));
 #else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, v));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(q)));
 #endif
 }
 #endif
@@ -279,15 +301,17 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
         __m512 f = _mm512_setzero_ps();
         for (; b + 2 <= nb; b += 2) { /* two blocks: 64 bytes, 128 weights */
             const __m512i v = _mm512_loadu_si512(p + 32 * b);
-            const __m512i odd = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(v, low5));
-            const __m512i even = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(_mm512_srli_epi16(v, 4), low5));
+            const __m512i lo = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(v, low5));
+            const __m512i hi = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(_mm512_srli_epi16(v, 4), low5));
+            /* the int8 codes of even and odd bytes as int16 lanes, by shifts (no lane crossing) */
             const int16_t *q = x->qp + 64 * b;
-            __m512i s0 = dot32(_mm512_setzero_si512(), _mm512_castsi512_si256(odd), q);
-            s0 = dot32(s0, _mm512_castsi512_si256(even), q + 32);
-            __m512i s1 = dot32(_mm512_setzero_si512(), _mm512_extracti64x4_epi64(odd, 1), q + 64);
-            s1 = dot32(s1, _mm512_extracti64x4_epi64(even, 1), q + 96);
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(a[b] * x->d[b]), f);
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a[b + 1] * x->d[b + 1]), f);
+            __m512i acc = dpw(_mm512_setzero_si512(), _mm512_srai_epi16(_mm512_slli_epi16(lo, 8), 8), q);
+            acc = dpw(acc, _mm512_srai_epi16(lo, 8), q + 32);
+            acc = dpw(acc, _mm512_srai_epi16(_mm512_slli_epi16(hi, 8), 8), q + 64);
+            acc = dpw(acc, _mm512_srai_epi16(hi, 8), q + 96);
+            /* lanes 0-7: block b, 8-15: block b + 1 */
+            const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a[b] * x->d[b]), _mm512_set1_ps(a[b + 1] * x->d[b + 1]));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, f);
         }
         t = _mm512_reduce_add_ps(f);
 #endif
@@ -295,12 +319,14 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
         __m256 g = _mm256_setzero_ps();
         for (; b < nb; b++) { /* one block: 32 bytes, 64 weights */
             const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
-            const __m256i odd = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
-            const __m256i even = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-            const int16_t *q = x->qp + 64 * b;
+            const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
+            const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            const __m256i *q = (const __m256i *)(x->qp + (b / 2) * 128 + (b % 2) * 16);
             const __m256i s = _mm256_add_epi32(
-                _mm256_add_epi32(madd16(_mm256_castsi256_si128(odd), q), madd16(_mm256_extracti128_si256(odd, 1), q + 16)),
-                _mm256_add_epi32(madd16(_mm256_castsi256_si128(even), q + 32), madd16(_mm256_extracti128_si256(even, 1), q + 48)));
+                _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8), _mm256_loadu_si256(q)),
+                                 _mm256_madd_epi16(_mm256_srai_epi16(lo, 8), _mm256_loadu_si256(q + 2))),
+                _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8), _mm256_loadu_si256(q + 4)),
+                                 _mm256_madd_epi16(_mm256_srai_epi16(hi, 8), _mm256_loadu_si256(q + 6))));
             g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[b] * x->d[b]), g);
         }
         t += hsum256(g);

@@ -107,18 +107,18 @@ class QuantizedMatrices(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
         lib = native.library() if self.qweight.device.type == "cpu" and x.dtype != torch.float64 else None
-        compute = prefill_dtype(x.dtype)
-        if lib is not None and x.dtype == torch.bfloat16 and compute != torch.bfloat16:
-            # many bfloat16 rows (prefill) on a CPU without bfloat16 dot products: integer products
-            # in C, as the decode step computes one row (measured 2x the float32 GEMM of widened
-            # weights with an expert's ~17 rows, AVX2)
+        compute, rows = prefill_dtype(x.dtype), x.numel() // x.shape[-1]
+        if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 16):
+            # bfloat16 rows (prefill) on a CPU without bfloat16 dot products, or few of them: integer
+            # products in C, as the decode step computes one row. Measured (benchmarks/quant_matmul.py):
+            # 2x the float32 GEMM of widened weights with an expert's ~17 rows (AVX2); with native
+            # bfloat16, 2x the bfloat16 GEMM at 8 rows, 0.65x at 32, 0.45x at 64 (AVX512-BF16)
             y = native.qmatmul(lib, x, self, i)
             if y is not None:
                 return y
         if lib is not None and native.matrix(self) is not None:
-            # many rows where the CPU multiplies bfloat16 natively (its GEMM is ~3x our integer
-            # kernel with 128 rows, AVX512-BF16), or float32 rows: the C kernels widen a block of
-            # weight rows at a time, multiplied in the prefill dtype
+            # more rows where the CPU multiplies bfloat16 natively, or float32 rows: the C kernels
+            # widen a block of weight rows at a time, multiplied in the prefill dtype
             def fill(start, end, out):
                 native.dequantize_rows(lib, self, i, start, end, out)
 
