@@ -14,8 +14,8 @@ import time
 import torch
 
 from phimoe_cli.bench import active_bytes, random_model, shape_config
-from phimoe_cli.model import hugepages, native
-from phimoe_cli.model.kernels import matvec
+from phimoe_cli.model import decode, hugepages, native
+from phimoe_cli.model.decode import matvec
 from phimoe_cli.model.quant import quantize_in_place
 
 parser = argparse.ArgumentParser()
@@ -55,7 +55,7 @@ def read_bw() -> float:
 
 with torch.inference_mode():
     for kind in kinds:  # warm up (and compile) every path first
-        model.use_decode_kernel(kind)
+        decode.choose(model, kind)
         cache.reset()
         model(ids, cache=cache, logits_to_keep=1)
         for i in range(4):
@@ -63,7 +63,7 @@ with torch.inference_mode():
     for _rep in range(6):
         line = []
         for kind in kinds:
-            model.use_decode_kernel(kind)
+            decode.choose(model, kind)
             bw = read_bw()
             cache.truncate(128)
             t = time.perf_counter()

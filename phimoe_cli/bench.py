@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from phimoe_cli import __version__
-from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, hugepages, native
-from phimoe_cli.model.kernels import cpuinfo, matvec, prefill_dtype
+from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, decode, hugepages, native
+from phimoe_cli.model.decode import matvec
+from phimoe_cli.model.kernels import prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
+from phimoe_cli.model.native import cpuinfo
 from phimoe_cli.model.offload import available_ram
 from phimoe_cli.model.quant import BYTES_PER_WEIGHT, quantize_in_place
 
@@ -212,7 +214,7 @@ class _Ours:
 
     @property
     def decode_kernel(self) -> str | None:
-        return getattr(self.model, "decode_kernel", None)
+        return decode.kind(self.model)
 
 
 class _Transformers:
@@ -350,6 +352,7 @@ def run(
     model = random_model(config, torch_dtype, dev, seed)
     if quantize != "none":
         quantize_in_place(model, quantize, quantize_attention)
+    decode.choose(model)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
     results = [time_engine(ours, prompt, steps, repeat, dev)]

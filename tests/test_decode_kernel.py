@@ -1,4 +1,5 @@
-"""The compiled one-token decode path (model/kernels.py) computes what the eager path computes."""
+"""The compiled one-token decode back-end (model/decode.py) computes what the eager path computes;
+the prefill compute dtype (model/kernels.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from checkpoints import write_checkpoint
 
-from phimoe_cli.model import kernels, layers, load_model, quant
+from phimoe_cli.model import decode, kernels, load_model, quant
 
 ATOL = 2e-4  # float32, as in test_model.py
 
@@ -20,7 +21,8 @@ def ids(n, seed=0):
     return torch.randint(0, 32000, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def decode(model, x, prefix):
+def run(model, x, prefix):
+    """Teacher-forced: the prompt in one pass, then one token at a time from a small cache."""
     cache = model.new_cache(capacity=8)
     with torch.inference_mode():
         steps = [model(x[:, :prefix], cache=cache)]
@@ -33,29 +35,29 @@ def test_small_models_decode_eagerly_by_default(ckpt, monkeypatch):
     model = load_model(ckpt)
     with torch.inference_mode():
         model(ids(3))
-    assert model.decode_kernel == "eager"  # float32 (not the C step), and compiling would not pay off
+    assert decode.kind(model) == "eager"  # float32 (not the C step), and compiling would not pay off
 
 
 def test_compiled_decode_matches_eager_and_full_forward(ckpt):
     fast, eager = load_model(ckpt), load_model(ckpt)
-    fast.use_decode_kernel(True)
-    eager.use_decode_kernel(False)
+    decode.choose(fast, True)
+    decode.choose(eager, False)
     x = ids(40, seed=1)  # below original_max_position_embeddings (64): short factors throughout
-    a, b = decode(fast, x, 20), decode(eager, x, 20)
+    a, b = run(fast, x, 20), run(eager, x, 20)
     with torch.inference_mode():
         full = eager(x)
-    assert kernels.matvec.compiled not in (None, False)  # the compiled kernels really ran
-    assert layers.one_token_layers.compiled not in (None, False)
+    assert decode.matvec.compiled not in (None, False)  # the compiled kernels really ran
+    assert decode.one_token_layers.compiled not in (None, False)
     assert (a - b).abs().max().item() < ATOL
     assert (a - full).abs().max().item() < ATOL
 
 
 def test_compiled_decode_across_the_longrope_boundary(ckpt):
     fast, eager = load_model(ckpt), load_model(ckpt)
-    fast.use_decode_kernel(True)
-    eager.use_decode_kernel(False)
+    decode.choose(fast, True)
+    decode.choose(eager, False)
     x = ids(80, seed=2)  # 58 + 22 steps: the cache is recomputed with the long factors on the way
-    a, b = decode(fast, x, 58), decode(eager, x, 58)
+    a, b = run(fast, x, 58), run(eager, x, 58)
     with torch.inference_mode():
         full = eager(x)  # every position with the long factors, as the last steps see them
     assert (a - b).abs().max().item() < ATOL
@@ -66,19 +68,19 @@ def test_partly_quantized_layers_use_the_per_part_kernels(ckpt):
     """With quantized experts the layer cannot run as one call: attention alone is compiled."""
     fast = load_model(ckpt, quantize="int8")
     eager = load_model(ckpt, quantize="int8")
-    fast.use_decode_kernel(True)
-    eager.use_decode_kernel(False)
-    assert not any(layer.fast for layer in fast.model.layers) and not fast.model.decode_fast
-    assert all(layer.self_attn.fast for layer in fast.model.layers)
+    decode.choose(fast, True)
+    decode.choose(eager, False)
+    step = fast.model.decode_step
+    assert not step.whole and all(step.attention) and not any(step.moe)
     x = ids(30, seed=4)
-    a, b = decode(fast, x, 20), decode(eager, x, 20)
-    assert layers._one_token_qkv.compiled not in (None, False)
+    a, b = run(fast, x, 20), run(eager, x, 20)
+    assert decode._one_token_qkv.compiled not in (None, False)
     assert (a - b).abs().max().item() < ATOL
 
 
 @pytest.mark.parametrize("n, groups", [(32, [4] * 8), (8, [4, 4]), (2, [2]), (6, [3, 3]), (7, [1] * 7), (1, [1])])
 def test_decode_groups_are_equal(n, groups):
-    parts = layers.decode_groups(n)
+    parts = decode.decode_groups(n)
     assert [len(g) for g in parts] == groups
     assert [i for g in parts for i in g] == list(range(n))
 
@@ -90,7 +92,7 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    k = kernels.Compiled(kernels.mv, torch.nn.functional.linear)
+    k = decode.Compiled(decode.mv, torch.nn.functional.linear)
     x, w, b = torch.randn(1, 1, 8), torch.randn(5, 8), torch.randn(5)
     with pytest.warns(UserWarning, match="running eagerly"):
         y = k(x, w, b)
@@ -210,12 +212,12 @@ def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatc
 def test_inductor_cache_is_kept_apart_per_instruction_set(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    kernels.separate_cache_per_isa()
+    decode.separate_cache_per_isa()
     import os
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("_avx2")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
-    kernels.separate_cache_per_isa()
+    decode.separate_cache_per_isa()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"  # the user's choice stays
 
 
@@ -227,9 +229,9 @@ def test_one_graph_for_every_cache_length_and_capacity(tmp_path):
 
     cfg = make_config(9, hidden_size=48, num_attention_heads=3, num_key_value_heads=1)  # a shape no other test uses
     model = load_model(write_checkpoint(tmp_path, cfg, shards=1, seed=9))
-    model.use_decode_kernel(True)
-    decode(model, ids(6, seed=9), 3)  # compiles the lm_head matvec and the layer step once
+    decode.choose(model, True)
+    run(model, ids(6, seed=9), 3)  # compiles the lm_head matvec and the layer step once
     before = counters["stats"]["unique_graphs"]
-    decode(model, ids(40, seed=9), 3)  # capacity 8 -> 16 -> 32 -> 64 on the way
-    assert layers.one_token_layers.compiled not in (None, False)
+    run(model, ids(40, seed=9), 3)  # capacity 8 -> 16 -> 32 -> 64 on the way
+    assert decode.one_token_layers.compiled not in (None, False)
     assert counters["stats"]["unique_graphs"] == before  # nothing compiled again

@@ -12,8 +12,9 @@ import pytest
 import torch
 from checkpoints import make_config, write_checkpoint
 
+from phimoe_cli.model import decode as backends
 from phimoe_cli.model import hugepages, load_model, native, sparsemixer
-from phimoe_cli.model.kernels import cpuinfo
+from phimoe_cli.model.native import cpuinfo
 
 FLAGS = set((cpuinfo().get("flags") or "").split())
 VARIANTS = {"native": "-march=native", "generic": ""}  # generic: plain C (what a non-x86 CPU runs)
@@ -240,15 +241,10 @@ def _models(path, lib, kinds=("native", "eager"), quantize="none", quantize_atte
     out = {}
     for kind in kinds:
         m = load_model(path, dtype=torch.bfloat16, quantize=quantize, quantize_attention=quantize_attention)
-        m.use_decode_kernel(kind)
-        if kind == "native":  # this variant of the library, not the default build
-            m.model.native = native.Decoder(m.model, lib)
-            for module in m.modules():
-                if getattr(module, "native", None) is not None and not isinstance(module.native, native.Decoder):
-                    module.native = lib
+        assert backends.choose(m, kind, lib=lib) == kind  # this variant of the library, not the default build
         out[kind] = m
     out["float32"] = load_model(path)
-    out["float32"].use_decode_kernel("eager")
+    backends.choose(out["float32"], "eager")
     return out
 
 
@@ -294,7 +290,7 @@ def _float64_twin(path, quantized):
             if hasattr(theirs_proj, "weight_q"):
                 mine_proj.weight.data = _values(theirs_proj.weight_q)[0]
     ref = ref.double()
-    ref.use_decode_kernel("eager")
+    backends.choose(ref, "eager")
     return ref
 
 
@@ -313,10 +309,10 @@ def test_quantized_decode_is_as_exact_as_bfloat16_arithmetic(ckpts, lib, name, q
     on a few positions (17% of 18 on AVX2) while each is as close to float64 as bfloat16 allows."""
     path = ckpts[name]
     models = _models(path, lib, quantize=quant, quantize_attention=attention)
-    assert models["native"].model.native is not None
+    assert backends.kind(models["native"]) == "native"
     bf16 = _models(path, lib, kinds=("eager",))["eager"]
     bf16_ref = load_model(path, dtype=torch.bfloat16).double()
-    bf16_ref.use_decode_kernel("eager")
+    backends.choose(bf16_ref, "eager")
     yardstick = (decode_many(bf16) - decode_many(bf16_ref)).abs().amax(-1).median()
     ref = decode_many(_float64_twin(path, models["native"]))
     scale = ref.abs().max()
@@ -360,17 +356,14 @@ def test_default_kernel_for_bfloat16_and_float32_models(ckpts, monkeypatch):
     bf16, f32 = load_model(ckpts["tiny"], dtype=torch.bfloat16), load_model(ckpts["tiny"])
     with torch.inference_mode():
         bf16(ids(3)), f32(ids(3))
-    assert bf16.decode_kernel == "native" and bf16.model.native is not None
-    assert f32.decode_kernel == "eager" and f32.model.native is None  # float32: not the C step's dtype
+    assert backends.kind(bf16) == "native"
+    assert backends.kind(f32) == "eager"  # float32: not the C step's dtype
     q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="int8")
-    q.use_decode_kernel("native")
-    assert q.model.native is not None and q.decode_kernel == "native"  # int8 experts: in the C step too
+    assert backends.choose(q, "native") == "native"  # int8 experts: in the C step too
     q = load_model(ckpts["tiny"], dtype=torch.bfloat16, quantize="nf4")
-    q.use_decode_kernel("native")
-    assert q.model.native is None and q.decode_kernel == "compiled"  # 4-bit rows of 96: not in C
+    assert backends.choose(q, "native") == "compiled"  # 4-bit rows of 96: not in C
     q = load_model(ckpts["q4"], dtype=torch.bfloat16, quantize="nf4", quantize_attention=True)
-    q.use_decode_kernel("native")
-    assert q.model.native is not None and q.decode_kernel == "native"  # widths multiples of 64: in C
+    assert backends.choose(q, "native") == "native"  # widths multiples of 64: in C
 
 
 def test_without_a_compiler_the_compiled_kernels_take_over(ckpts, monkeypatch, tmp_path):
@@ -383,8 +376,7 @@ def test_without_a_compiler_the_compiled_kernels_take_over(ckpts, monkeypatch, t
             assert native.library() is None
         assert any("no C compiler" in str(w.message) for w in caught)
         model = load_model(ckpts["tiny"], dtype=torch.bfloat16)
-        model.use_decode_kernel("native")
-        assert model.decode_kernel == "compiled" and model.model.native is None
+        assert backends.choose(model, "native") == "compiled"
     finally:
         native.library.cache_clear()
 

@@ -1,16 +1,12 @@
-"""Kernels for decoding one token on the CPU at memory bandwidth.
+"""Products of many rows (prefill) in the compute dtype the CPU multiplies fastest.
 
-Decoding one token multiplies a single row by every weight matrix: the work is reading the
-weights, so speed is memory bandwidth. PyTorch's CPU GEMV for bfloat16 reads about 14 GB/s on a
-machine whose memory delivers about 30 (``phimoe bench`` measures both), and every small op costs
-microseconds of dispatch. Written as float32 multiply-and-sum reductions and compiled by inductor,
-one token's expert block (router, sparsemixer, the two chosen experts, read in place through
-indirect loads) becomes one call that reads at nearly the full bandwidth. Prefill (many rows)
-keeps ``F.linear``: the oneDNN GEMM is compute-bound there and fast.
-
-Every compiled function has an eager twin with the same meaning. The compiled one is used only
-when enabled on the model (``PhimoeForCausalLM.use_decode_kernel``); if compiling is impossible
-(no C++ compiler, an unsupported platform) the eager twin takes over for good, with a warning.
+Prefill multiplies many rows by each weight, so it is bound by arithmetic, not by reading
+weights. CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX, Arm's BF16) multiply
+bfloat16 several times faster than float32; on the others (AVX2, plain AVX-512) PyTorch's
+bfloat16 GEMM converts as it goes and runs at half the float32 speed or worse. There, weights
+are widened to float32 a block at a time (the block stays in cache) and multiplied by the
+float32 GEMM: the same products, summed in float32 and rounded once, as the bfloat16 GEMM does.
+One-token decoding is decode.py's concern.
 """
 
 from __future__ import annotations
@@ -18,74 +14,11 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-
-def mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` as a reduction: x [..., in] times weight [..., out, in] -> [..., out], summed
-    in float32 and rounded once to x's dtype. Meant to be compiled (eagerly it materialises the
-    product)."""
-    y = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
-
-
-class Compiled:
-    """``fn`` compiled by inductor on first call; ``eager`` if that fails. ``dynamic=True``: every
-    size may vary; ``False``: sizes are constants except those the caller marks
-    (``torch._dynamo.maybe_mark_dynamic``), which gives inductor simpler, vectorisable indexing."""
-
-    def __init__(self, fn, eager, dynamic: bool = True):
-        self.fn, self.eager, self.dynamic, self.compiled = fn, eager, dynamic, None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            separate_cache_per_isa()
-            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
-        if self.compiled is not False:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # no compiler, or an inductor limitation: never fail a decode
-                warnings.warn(f"compiled decode kernel unavailable, running eagerly ({type(exc).__name__}: {exc})",
-                              stacklevel=2)
-                self.compiled = False
-        return self.eager(*args)
-
-
-def separate_cache_per_isa() -> None:
-    """With ``ATEN_CPU_CAPABILITY`` set (say avx2 on an AVX-512 machine), keep inductor's on-disk
-    cache apart from the default one. Its cache key leaves the instruction set out: kernels
-    compiled under one setting and loaded under the other were measured here to compute wrong
-    results and corrupt the heap. An explicit ``TORCHINDUCTOR_CACHE_DIR`` is left alone."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability.lower()}"
-
-
-matvec = Compiled(mv, F.linear)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = False):
-    """``F.linear``; with ``fast``, one row on the CPU goes through the compiled ``matvec``; many
-    rows go through ``prefill_linear``."""
-    if fast and x.numel() == x.shape[-1] and x.device.type == "cpu":
-        return matvec(x, weight, bias)
-    return prefill_linear(x, weight, bias)
-
-
-# ------------------------------------------------------------------ prefill: the compute dtype
-# Prefill multiplies many rows by each weight, so it is bound by arithmetic, not by reading
-# weights. CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX, Arm's BF16) multiply
-# bfloat16 several times faster than float32; on the others (AVX2, plain AVX-512) PyTorch's
-# bfloat16 GEMM converts as it goes and runs at half the float32 speed or worse. There, weights
-# are widened to float32 a block at a time (the block stays in cache) and multiplied by the
-# float32 GEMM: the same products, summed in float32 and rounded once, as the bfloat16 GEMM does.
+from .native import cpuinfo
 
 UPCAST_BLOCK_BYTES = 4 << 20  # float32 bytes of weight widened at a time
 
@@ -103,22 +36,6 @@ def native_low_precision(flags: set[str], capability: str, dtype: torch.dtype) -
     if capability.upper().startswith("AVX"):
         return capability.upper().startswith("AVX512") and bool(flags & x86)
     return bool(flags & arm) or not flags  # Arm (or unknown): trust PyTorch's kernels
-
-
-@functools.cache
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); empty where
-    there is no such file."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, sep, value = line.partition(":")
-                if sep:
-                    fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
 
 
 def _cpu_flags() -> frozenset[str]:

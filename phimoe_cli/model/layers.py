@@ -2,19 +2,18 @@
 
 Every formula here follows the reference (microsoft/Phi-3.5-MoE-instruct's modeling code, as ported
 to transformers) in eval mode, operation for operation, so that logits agree to float rounding.
+Products go through ``kernels.prefill_linear`` (the compute dtype the CPU multiplies fastest);
+the fast one-token paths live in decode.py, outside the model.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
 from .config import PhimoeConfig
-from .kernels import Compiled, linear, mv, prefill_linear
+from .kernels import prefill_linear
 
 # torch >= 2.5 lets SDPA share K/V heads across query heads without copying them.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -70,24 +69,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose one-token products may use the compiled decode kernel (kernels.py)."""
-
-    fast = False  # set by PhimoeForCausalLM.use_decode_kernel
-    native = None  # the C library (native.py), for one bfloat16 row; set by use_decode_kernel
+    """``nn.Linear`` computed in the prefill dtype (kernels.prefill_linear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (self.native is not None and x.numel() == x.shape[-1] and x.dtype == w.dtype == torch.bfloat16
-                and x.device.type == w.device.type == "cpu" and w.is_contiguous()):
-            return native.linear(self.native, x, w, self.bias)
-        return linear(x, self.weight, self.bias, self.fast)
+        return prefill_linear(x, self.weight, self.bias)
 
 
 # ------------------------------------------------------------------------------------ attention
 class Attention(nn.Module):
     """Grouped-query attention with q/k/v/o biases, LongRoPE, torch SDPA and a KV cache."""
-
-    fast = False  # one-token steps by the compiled decode kernels (set by use_decode_kernel)
 
     def __init__(self, config: PhimoeConfig, layer_idx: int):
         super().__init__()
@@ -105,8 +95,6 @@ class Attention(nn.Module):
         """x: [batch, seq, hidden]. ``mask``: None (causal, or everything for one query) or a
         boolean [batch, 1, seq, keys] where True means "may attend"."""
         b, s, _ = x.shape
-        if self.fast and b * s == 1 and mask is None and cache is not None and x.device.type == "cpu":
-            return self.one_token(x, cos, sin, cache, start)
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -115,26 +103,6 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, start)
         out = attend(q, k, v, mask, is_causal=mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-    def one_token(self, x, cos, sin, cache, start: int):
-        """Decoding one token (batch 1, no mask): compiled projections, float32 attention."""
-        q, k, v = _one_token_qkv(x, *self._weights(), cos, sin, self.num_heads, self.num_kv_heads)
-        k, v = cache.update(self.layer_idx, k, v, start)
-        return self.o_proj(one_query_attention(q, k, v).reshape(1, 1, -1))
-
-    def _weights(self):
-        return (self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
-                self.v_proj.weight, self.v_proj.bias)
-
-
-def _qkv(linear, x, wq, bq, wk, bk, wv, bv, cos, sin, num_heads: int, num_kv_heads: int):
-    """Attention.forward's projections and rotation, as one function to compile."""
-    b, s, _ = x.shape
-    q = linear(x, wq, bq).view(b, s, num_heads, -1).transpose(1, 2)
-    k = linear(x, wk, bk).view(b, s, num_kv_heads, -1).transpose(1, 2)
-    v = linear(x, wv, bv).view(b, s, num_kv_heads, -1).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
 
 def attend(q, k, v, mask=None, is_causal: bool = False):
     """SDPA with K/V heads shared by groups of query heads."""
@@ -145,30 +113,6 @@ def attend(q, k, v, mask=None, is_causal: bool = False):
     rep = q.shape[1] // k.shape[1]  # torch < 2.5
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-
-
-def one_query_attention(q, k, v):
-    """Attention of one query [1, heads, 1, d] to keys/values [1, kv_heads, T, d] in float32 (as
-    SDPA computes internally): two small matmuls, several times faster than SDPA's CPU kernel
-    for a single query."""
-    _, heads, _, d = q.shape
-    kv_heads = k.shape[1]
-    q = q.float().view(1, kv_heads, heads // kv_heads, d)  # the query heads that share a K/V head
-    scores = torch.matmul(q, k.float().transpose(-1, -2)) * d**-0.5
-    return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)  # [1, kv_heads, group, d]
-
-
-def one_query_attention_math(q, k, v):
-    """one_query_attention written as reductions, for inductor."""
-    _, heads, _, d = q.shape
-    kv_heads = k.shape[1]
-    q = q.float().view(1, kv_heads, heads // kv_heads, 1, d)
-    scores = (q * k.float().unsqueeze(2)).sum(-1) * d**-0.5  # [1, kv_heads, group, T]
-    out = (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)
-    return out.to(v.dtype)
-
-
-_one_token_qkv = Compiled(functools.partial(_qkv, mv), functools.partial(_qkv, F.linear))
 
 
 # ------------------------------------------------------------------------------- mixture of experts
@@ -200,8 +144,6 @@ def sparsemixer(scores: torch.Tensor, jitter_eps: float, top_k: int = 2):
 class Experts(nn.Module):
     """``num_local_experts`` SwiGLU feed-forward networks, stacked: w1 (gate) and w3 (up) are
     [experts, ffn, hidden], w2 (down) is [experts, hidden, ffn]."""
-
-    fast = False  # SparseMoE decodes one token by the compiled kernel (set by use_decode_kernel)
 
     def __init__(self, config: PhimoeConfig):
         super().__init__()
@@ -268,40 +210,12 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.experts.fast and x.shape[0] == 1 and x.device.type == "cpu":
-            e = self.experts
-            return _one_token_moe(x, self.gate.weight, e.w1, e.w2, e.w3, self.jitter_eps, self.top_k).reshape(shape)
         weights, chosen = self.route(x)
         return self.experts(x, weights, chosen).reshape(shape)
 
 
-def _one_token_moe_math(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
-    """SparseMoE for one token [1, hidden], written for inductor: ``w1[chosen]`` becomes indirect
-    loads inside the reductions, so only the chosen experts' weights are read, and nothing is
-    copied. Rounds to the model's dtype where the eager path does."""
-    weights, chosen = sparsemixer(mv(x, gate), jitter_eps, top_k)
-    i = chosen[0]
-    h = (F.silu(mv(x, w1[i])) * mv(x, w3[i])).to(x.dtype)  # [top_k, ffn]
-    y = (mv(h, w2[i]) * weights[0, :, None]).to(x.dtype)  # [top_k, hidden]
-    return y.sum(0, keepdim=True)
-
-
-def _one_token_moe_eager(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
-    weights, chosen = sparsemixer(F.linear(x, gate), jitter_eps, top_k)
-
-    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e]), w2[e])
-
-    return combine_chosen(expert, x, weights, chosen)
-
-
-_one_token_moe = Compiled(_one_token_moe_math, _one_token_moe_eager)
-
-
 # ---------------------------------------------------------------------------------- decoder layer
 class DecoderLayer(nn.Module):
-    fast = False  # may take part in the compiled one-token step (set by use_decode_kernel)
-
     def __init__(self, config: PhimoeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -313,52 +227,3 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, start: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-    def decode_args(self, cache, start: int) -> tuple:
-        """This layer's tensors for ``one_token_layers``: weights, and views of its cache for
-        positions 0 .. start (the last one is written by the step)."""
-        k_cache, v_cache = cache.window(self.layer_idx, start + 1)
-        for t in (k_cache, v_cache):  # one compiled graph for every cache length
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-        a, moe = self.self_attn, self.block_sparse_moe
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        return (ln1.weight, ln1.bias, *a._weights(), a.o_proj.weight, a.o_proj.bias, k_cache, v_cache,
-                ln2.weight, ln2.bias, moe.gate.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3)
-
-
-def _layer_step(linear, attention, moe, x, cos, sin, layer: tuple, eps: float, jitter_eps: float,
-                top_k: int, num_heads: int, num_kv_heads: int):
-    """DecoderLayer.forward for one token x [1, 1, hidden]; ``layer`` is ``decode_args()``."""
-    (ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, k_cache, v_cache, ln2_w, ln2_b, gate, w1, w2, w3) = layer
-    h = F.layer_norm(x, x.shape[-1:], ln1_w, ln1_b, eps)
-    q, k, v = _qkv(linear, h, wq, bq, wk, bk, wv, bv, cos, sin, num_heads, num_kv_heads)
-    k_cache[:, :, -1:] = k
-    v_cache[:, :, -1:] = v
-    x = x + linear(attention(q, k_cache, v_cache).reshape(1, 1, -1), wo, bo)
-    h = F.layer_norm(x, x.shape[-1:], ln2_w, ln2_b, eps).view(1, -1)
-    return x + moe(h, gate, w1, w2, w3, jitter_eps, top_k).view_as(x)
-
-
-def _layers_step(step, x, cos, sin, layers: tuple, *consts):
-    for layer in layers:
-        x = step(x, cos, sin, layer, *consts)
-    return x
-
-
-# One compiled call runs a group of layers (the same graph for every group): the cost of a call
-# (guards, wrappers, ~60-80 us) is paid per group, not per layer. Attention is written as
-# reductions, not matmuls: inductor would turn the matmuls into its flash-attention call, which
-# costs more for one query (measured equal from ~3000 cached tokens).
-one_token_layers = Compiled(
-    functools.partial(_layers_step, functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math)),
-    functools.partial(_layers_step,
-                      functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)),
-    dynamic=False,
-)
-DECODE_GROUP = 4  # most layers per compiled call: 4 measured ~5% faster than 1; compiling takes ~4x longer
-
-
-def decode_groups(num_layers: int, most: int = DECODE_GROUP) -> list[range]:
-    """Layers split into equal groups of at most ``most`` (equal, so one graph serves them all)."""
-    size = max(g for g in range(1, min(most, num_layers) + 1) if num_layers % g == 0)
-    return [range(i, i + size) for i in range(0, num_layers, size)]

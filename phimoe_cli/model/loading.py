@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from . import hugepages
+from . import decode, hugepages
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
 from .offload import OffloadedExperts, capacity_for_budget, plan_placement
@@ -425,7 +425,10 @@ def load_model(
     model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity, offload == "disk")
     load_weights(model, path, config, progress, saved_quantized=saved is not None)
     model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if isinstance(model, PhimoeForCausalLM):
+        decode.choose(model)  # its one-token back-end, now that the weights are in place
+    return model
 
 
 def load_classifier(path: str | Path, dtype="float32", device="cpu", progress=None):

@@ -4,8 +4,9 @@
 (``$PHIMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/phimoe``, else ~/.cache/phimoe), keyed by the
 source, the flags and the CPU, so each machine builds it once (under a second). Where there is no
 compiler, or the build fails, it returns None and the model decodes with the inductor kernels
-(layers.one_token_layers) instead. ``PHIMOE_NATIVE_CFLAGS`` replaces ``-march=native`` (tests
-build the AVX2 and the plain-C variants that way).
+(decode.py) instead. ``PHIMOE_NATIVE_CFLAGS`` replaces ``-march=native`` (tests build the AVX2 and
+the plain-C variants that way). This module knows tensors and matrices, not the model: decode.py
+hands it each layer's weights as a ``LayerWeights``.
 
 The library is linked against the OpenMP runtime PyTorch has already loaded (the same
 ``libgomp.so.1``), so it shares PyTorch's threads and honours ``torch.set_num_threads``.
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,13 +49,51 @@ class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("lut", ctypes.c_void_p), ("kind", ctypes.c_int)]
 
 
-VECTORS = ("ln1_w", "ln1_b", "bq", "bk", "bv", "bo", "ln2_w", "ln2_b", "gate")
-MATRICES = ("q", "k", "v", "o", "w1", "w2", "w3")
+class LayerWeights(NamedTuple):
+    """One decoder layer's weights, in the order of native.c's ``Layer``: bfloat16 vectors (norms,
+    biases, the router), then the seven matrices (bfloat16 tensors or quantized matrices: anything
+    ``matrix()`` reads); q/k/v/o [out, in], w1/w3 [experts, ffn, hidden], w2 [experts, hidden, ffn]."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    gate: torch.Tensor
+    q: object
+    k: object
+    v: object
+    o: object
+    w1: object
+    w2: object
+    w3: object
+
+
+VECTORS, MATRICES = LayerWeights._fields[:9], LayerWeights._fields[9:]
 
 
 class Layer(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_void_p) for name in VECTORS] + [(name, Mat) for name in MATRICES]
                 + [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)])
+
+
+@functools.cache
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); empty where
+    there is no such file."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 def cache_dir() -> Path:
@@ -69,8 +109,6 @@ def build(flags: str | None = None) -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found (cc / gcc)")
-    from .kernels import cpuinfo
-
     cpu = cpuinfo().get("flags") or cpuinfo().get("Features") or ""
     key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, flags, cpu)).encode()).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
@@ -159,69 +197,38 @@ def matrix(weight) -> tuple[Mat, tuple] | None:
     return mat, tensors
 
 
-def layer_matrices(layer) -> dict | None:
-    """A decoder layer's seven matrices as ``matrix()`` gives them, or None if one cannot run in C."""
-    a, experts = layer.self_attn, layer.block_sparse_moe.experts
-    weights = {name: _weight_of(getattr(a, f"{name}_proj")) for name in ("q", "k", "v", "o")}
-    weights.update({name: getattr(experts, name, None) for name in ("w1", "w2", "w3")})
-    mats = {name: matrix(w) if w is not None else None for name, w in weights.items()}
-    return None if any(m is None for m in mats.values()) else mats
-
-
-def _weight_of(linear):
-    """The weight of a plain or quantized linear layer (a tensor or quantized matrices)."""
-    return getattr(linear, "weight_q", None) or getattr(linear, "weight", None)
-
-
-def supports(model) -> bool:
-    """Whether the C step can run this model's one-token steps: on the CPU, contiguous, bfloat16
-    norms/router/embeddings, and bfloat16, int8 or 4-bit attention projections and experts (not
-    offloaded)."""
-    c = model.config
-    if (c.head_dim > 512 or c.num_attention_heads // c.num_key_value_heads > 16 or c.num_local_experts > 256
-            or c.num_experts_per_tok > 64):
-        return False
-    dense = [p for name, p in model.model.named_parameters()
-             if ".experts." not in name and not name.endswith("_proj.weight")]  # those: layer_matrices
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in dense):
-        return False
-    return all(type(layer.block_sparse_moe.gate) is torch.nn.Linear and layer_matrices(layer) is not None
-               for layer in model.model.layers)
+def layer_supported(weights: LayerWeights) -> bool:
+    """Whether the C step reads every matrix of this layer (and its vectors are bfloat16)."""
+    vectors = [t for t in weights[:9] if t is not None]
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in vectors)
+            and all(matrix(m) is not None for m in weights[9:]))
 
 
 class Decoder:
-    """Runs ``PhimoeModel``'s one-token steps through the C library: holds the layer pointers
-    (rebuilt when the cache moves) and the scratch memory. It keeps the weight tensors it points
-    to alive; after replacing a model's weights, call ``use_decode_kernel`` again."""
+    """One-token steps through the C library: holds the layer pointers (rebuilt when the cache
+    moves) and the scratch memory, and keeps alive the tensors they point to.
 
-    def __init__(self, model, lib: ctypes.CDLL):
+    ``config``: the model's (a PhimoeConfig); ``layers``: a LayerWeights per layer; ``norm``: the
+    final norm's (weight, bias); ``inv_freq`` / ``mscale``: the rotary tables and scales by
+    ``long`` (False: short factors, True: long ones)."""
+
+    def __init__(self, lib: ctypes.CDLL, config, top_k: int, jitter_eps: float, layers: list[LayerWeights],
+                 norm: tuple, inv_freq: dict, mscale: dict):
         self.lib = lib
-        c = model.config
-        moe = model.layers[0].block_sparse_moe
+        c = config
         self.dims = Dims(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                         c.intermediate_size, c.num_local_experts, moe.top_k, c.num_hidden_layers,
-                         c.rms_norm_eps, moe.jitter_eps, 1.0, 0)
+                         c.intermediate_size, c.num_local_experts, top_k, c.num_hidden_layers,
+                         c.rms_norm_eps, jitter_eps, 1.0, 0)
         self.weights = []  # per layer: (vectors, matrices, the tensors they point to)
-        for layer in model.layers:
-            a, moe = layer.self_attn, layer.block_sparse_moe
-            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-            vectors = (ln1.weight, ln1.bias, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-                       ln2.weight, ln2.bias, moe.gate.weight)
-            mats = layer_matrices(layer)
-            self.weights.append((vectors, [mats[name][0] for name in MATRICES],
-                                 [t for name in MATRICES for t in mats[name][1]]))
-        self.norm = (model.norm.weight, model.norm.bias)
-        rope = model.rotary_emb
-        self.inv_freq = {False: rope.short_inv_freq.float().contiguous(), True: rope.long_inv_freq.float().contiguous()}
-        self.mscale = {False: rope.short_mscale, True: rope.long_mscale}
+        for w in layers:
+            found = [matrix(m) for m in w[9:]]
+            self.weights.append((w[:9], [m for m, _ in found], [t for _, ts in found for t in ts]))
+        self.norm = norm
+        self.inv_freq = {k: v.float().contiguous() for k, v in inv_freq.items()}
+        self.mscale = dict(mscale)
         self.layers = (Layer * c.num_hidden_layers)()
         self._cache_key = None
         self._scratch = torch.empty(0, dtype=torch.uint8)
-
-    @staticmethod
-    def accepts(x: torch.Tensor, cache) -> bool:
-        """Whether this step can run here: one bfloat16 sequence, on the CPU."""
-        return x.device.type == "cpu" and cache.k.dtype == torch.bfloat16 and cache.batch_size == 1
 
     def _bind(self, cache) -> None:
         key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k.stride())

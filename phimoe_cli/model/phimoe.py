@@ -6,23 +6,12 @@ except that each layer's experts are stacked into three tensors (see ``layers.Ex
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from . import native
 from .cache import KVCache
 from .config import PhimoeConfig
-from .layers import (
-    Attention,
-    DecoderLayer,
-    Experts,
-    Linear,
-    LongRoPE,
-    decode_groups,
-    one_token_layers,
-)
+from .layers import DecoderLayer, Linear, LongRoPE
 
 
 class PhimoeModel(nn.Module):
@@ -33,8 +22,7 @@ class PhimoeModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LongRoPE(config)
-        self.decode_fast = False  # one-token steps by the compiled layer groups (use_decode_kernel)
-        self.native: native.Decoder | None = None  # one-token steps by the C step (use_decode_kernel)
+        self.decode_step = None  # a one-token back-end (decode.choose), or None: these layers
 
     def forward(
         self,
@@ -49,6 +37,26 @@ class PhimoeModel(nn.Module):
         transformers, everything cached plus the new tokens. ``position_ids`` default to the
         token's index in the sequence. With a ``cache`` the new tokens are appended to it.
         """
+        input_ids, position_ids, valid, start, long = self._admit(input_ids, attention_mask, position_ids, cache)
+        b, s = input_ids.shape
+        mask = self._mask(b, s, start, valid, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        step, one_token = self.decode_step, b * s == 1 and mask is None and cache is not None and start > 0
+        if step is not None and one_token and step.accepts(x, cache):
+            x = step(self, x, cache, start, position_ids, long)  # every layer and the final norm
+        else:
+            cos, sin = self.rotary_emb(position_ids, long, x.dtype)
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, cache, start)
+            x = self.norm(x)
+        if cache is not None:
+            cache.length = start + s
+        return x
+
+    def _admit(self, input_ids, attention_mask, position_ids, cache):
+        """Positions, padding and LongRoPE factors of the new tokens; with a cache, record them
+        there. Returns (input_ids, position_ids, valid, start, long); input_ids grows to the whole
+        sequence when the cache has to be recomputed (see below)."""
         b, s = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
@@ -60,49 +68,28 @@ class PhimoeModel(nn.Module):
         if attention_mask is not None:
             valid = attention_mask[:, -s:].to(device=input_ids.device, dtype=torch.bool)
         long = self.rotary_emb.is_long(seq_len)
-
-        if cache is not None:
-            if start and long != cache.long_rope:
-                # The cached keys were rotated with the other factor set: growing past the
-                # boundary (short -> long, as the reference does once during generation), or a
-                # rewind back below it (long -> short, e.g. chat /retry). A fresh pass over the
-                # whole sequence uses one set for every position, so compute it again, once.
-                old_valid = cache.valid[:, :start] if (cache.padded or valid is not None) else None
-                if old_valid is not None and valid is None:
-                    valid = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
-                input_ids = torch.cat([cache.tokens[:, :start], input_ids], dim=1)
-                position_ids = torch.cat([cache.positions[:, :start], position_ids], dim=1)
-                if old_valid is not None:
-                    valid = torch.cat([old_valid, valid], dim=1)
-                cache.reset()
-                start, s = 0, input_ids.shape[1]
-            cache.reserve(start + s)
-            cache.record(input_ids, position_ids, valid, start)
-            cache.long_rope = long
-            if cache.padded:
-                valid = cache.valid[:, : start + s]
-
-        mask = self._mask(b, s, start, valid, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        if (self.native is not None and b * s == 1 and mask is None and cache is not None and start > 0
-                and self.native.accepts(x, cache)):
-            x = self.native(x, cache, start, int(position_ids.reshape(-1)[0]), long)
-            cache.length = start + s
-            return x
-        cos, sin = self.rotary_emb(position_ids, long, x.dtype)
-        one_token = b * s == 1 and mask is None and cache is not None and start > 0
-        if self.decode_fast and one_token and x.device.type == "cpu":
-            c, moe = self.config, self.layers[0].block_sparse_moe
-            consts = (c.rms_norm_eps, moe.jitter_eps, moe.top_k, c.num_attention_heads, c.num_key_value_heads)
-            for group in decode_groups(len(self.layers)):
-                layers = tuple(self.layers[i].decode_args(cache, start) for i in group)
-                x = one_token_layers(x, cos, sin, layers, *consts)
-        else:
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask, cache, start)
-        if cache is not None:
-            cache.length = start + s
-        return self.norm(x)
+        if cache is None:
+            return input_ids, position_ids, valid, start, long
+        if start and long != cache.long_rope:
+            # The cached keys were rotated with the other factor set: growing past the boundary
+            # (short -> long, as the reference does once during generation), or a rewind back
+            # below it (long -> short, e.g. chat /retry). A fresh pass over the whole sequence
+            # uses one set for every position, so compute it again, once.
+            old_valid = cache.valid[:, :start] if (cache.padded or valid is not None) else None
+            if old_valid is not None and valid is None:
+                valid = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+            input_ids = torch.cat([cache.tokens[:, :start], input_ids], dim=1)
+            position_ids = torch.cat([cache.positions[:, :start], position_ids], dim=1)
+            if old_valid is not None:
+                valid = torch.cat([old_valid, valid], dim=1)
+            cache.reset()
+            start, s = 0, input_ids.shape[1]
+        cache.reserve(start + s)
+        cache.record(input_ids, position_ids, valid, start)
+        cache.long_rope = long
+        if cache.padded:
+            valid = cache.valid[:, : start + s]
+        return input_ids, position_ids, valid, start, long
 
     def _mask(self, b: int, s: int, start: int, valid, device):
         """None when plain causal attention is right (SDPA's fast path); otherwise a boolean
@@ -130,49 +117,6 @@ class PhimoeForCausalLM(nn.Module):
         self.config = config
         self.model = PhimoeModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
-        self.decode_kernel: str | None = None  # native, compiled or eager; None: decided on the first call
-
-    def use_decode_kernel(self, kind: bool | str) -> None:
-        """How one-token steps on the CPU run: ``"native"`` (the C step of native.py, for plain
-        bfloat16 models), ``"compiled"`` (inductor kernels, kernels.py) or ``"eager"``. True means
-        "compiled", False "eager". Where "native" cannot run (no C compiler, quantized or
-        offloaded layers, another dtype) the compiled kernels take over."""
-        kind = {True: "compiled", False: "eager"}.get(kind, kind)
-        if kind not in ("native", "compiled", "eager"):
-            raise ValueError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
-        lib = native.library() if kind == "native" else None
-        enabled = kind != "eager"
-        for module in self.modules():
-            # only the plain layers: quantized or offloaded ones keep their own forward
-            if type(module) in (Linear, Experts):
-                module.fast = enabled
-            elif type(module) is Attention:
-                projections = (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
-                module.fast = enabled and all(type(p) is Linear for p in projections)
-            if type(module) is Linear:
-                module.native = lib
-        for layer in self.model.layers:
-            moe = layer.block_sparse_moe
-            layer.fast = layer.self_attn.fast and moe.experts.fast and type(moe.gate) is nn.Linear
-        self.model.decode_fast = all(layer.fast for layer in self.model.layers)
-        whole = lib is not None and native.supports(self)
-        self.model.native = native.Decoder(self.model, lib) if whole else None
-        self.decode_kernel = "native" if whole else "compiled" if enabled else "eager"
-
-    def _default_decode_kernel(self) -> str:
-        """``PHIMOE_DECODE_KERNEL`` (native, compiled or eager), else: the C step where it can
-        run; else the compiled kernels for models of 256 MiB or more (where bandwidth dominates and
-        the one-off compile, a few seconds, pays off)."""
-        choice = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
-        if choice in ("eager", "compiled", "native"):
-            return choice
-        p = self.lm_head.weight
-        if p.device.type != "cpu":
-            return "eager"
-        if native.supports(self) and native.library() is not None:
-            return "native"
-        size = sum(t.nbytes for t in (*self.parameters(), *self.buffers()))  # quantized weights are buffers
-        return "compiled" if size >= 256 << 20 else "eager"
 
     def forward(
         self,
@@ -183,13 +127,14 @@ class PhimoeForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (only the last ``logits_to_keep`` positions if > 0)."""
-        if self.decode_kernel is None:
-            self.use_decode_kernel(self._default_decode_kernel())
         s = input_ids.shape[1]
         hidden = self.model(input_ids, attention_mask, position_ids, cache)
         hidden = hidden[:, -s:]  # after a LongRoPE recompute the model returns the whole sequence
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        step = self.model.decode_step
+        if step is not None and hidden.shape[0] * hidden.shape[1] == 1 and hidden.device.type == "cpu":
+            return step.head(self.lm_head, hidden)  # one row: the back-end's matrix-vector product
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:

@@ -1,0 +1,351 @@
+"""The one-token decode back-ends, chosen once per model from outside it.
+
+The model (layers.py, phimoe.py) is the reference math and runs every shape. Decoding one token
+on the CPU is a different problem: batch-1 products read every active weight once, so speed is
+memory bandwidth, and every small operation costs microseconds of dispatch. A back-end runs a
+whole one-token step (every layer and the final norm) and the output head its own way:
+
+* ``native``: the C step (native.py), one call per token, for bfloat16 models on the CPU with
+  bfloat16, int8 or 4-bit experts and attention projections.
+* ``compiled``: inductor kernels written as float32 reductions; a group of layers per compiled
+  call where every layer is plain bfloat16/float32, else the plain parts of each layer.
+* ``eager``: no back-end; the model's own forward.
+
+``choose(model, kind)`` sets ``model.model.decode_step`` (None for eager); ``PhimoeModel.forward``
+hands it one-token steps that it ``accepts``. Every compiled function has an eager twin with the
+same meaning: where compiling is impossible (no C++ compiler), the twin takes over for good.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .layers import Experts, Linear, apply_rope, combine_chosen, sparsemixer
+
+KINDS = ("native", "compiled", "eager")
+DECODE_GROUP = 4  # most layers per compiled call: 4 measured ~5% faster than 1; compiling takes ~4x longer
+
+
+def choose(model, kind: str | bool | None = None, lib=None) -> str:
+    """Give ``model`` (a PhimoeForCausalLM) its one-token back-end and return its kind.
+
+    ``kind``: native, compiled or eager (True: compiled, False: eager); None: ``PHIMOE_DECODE_KERNEL``
+    if set, else the C step where it can run, else the compiled kernels for models of 256 MiB or
+    more on the CPU (where bandwidth dominates and the one-off compile, a few seconds, pays off),
+    else eager. Where ``native`` cannot run (no C compiler, float32 weights, offloaded experts)
+    the compiled kernels take over. ``lib``: a particular build of the C library (tests). Call it
+    again after replacing a model's weights: the C step points at the tensors it was given."""
+    kind = {True: "compiled", False: "eager"}.get(kind, kind)
+    if kind is None:
+        kind = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
+        if kind not in KINDS:
+            kind = _default(model)
+    if kind not in KINDS:
+        raise ValueError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
+    step = None
+    if kind == "native":
+        lib = lib or native.library()
+        step = NativeStep(model, lib) if lib is not None and supports_native(model) else None
+    if kind != "eager" and step is None:
+        step = CompiledStep(model)
+    model.model.decode_step = step
+    return step.kind if step is not None else "eager"
+
+
+def kind(model) -> str:
+    """The back-end ``choose`` gave ``model``: native, compiled or eager."""
+    step = getattr(model.model, "decode_step", None)
+    return step.kind if step is not None else "eager"
+
+
+def _default(model) -> str:
+    p = model.lm_head.weight
+    if p.device.type != "cpu":
+        return "eager"
+    if supports_native(model) and native.library() is not None:
+        return "native"
+    size = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))  # quantized weights are buffers
+    return "compiled" if size >= 256 << 20 else "eager"
+
+
+# ------------------------------------------------------------------------------------ the C step
+def layer_weights(layer) -> native.LayerWeights | None:
+    """A decoder layer's tensors as the C step reads them (matrices: bfloat16 tensors or quantized
+    matrices), or None if a part of it is something else (offloaded experts, a custom router)."""
+    a, moe = layer.self_attn, layer.block_sparse_moe
+    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+    if type(moe.gate) is not torch.nn.Linear or not all(hasattr(moe.experts, w) for w in ("w1", "w2", "w3")):
+        return None
+    return native.LayerWeights(
+        ln1.weight, ln1.bias, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias, ln2.weight, ln2.bias,
+        moe.gate.weight, *(_weight(getattr(a, f"{n}_proj")) for n in "qkvo"),
+        moe.experts.w1, moe.experts.w2, moe.experts.w3,
+    )
+
+
+def _weight(linear):
+    """The weight of a plain or quantized linear layer: a tensor or quantized matrices."""
+    return linear.weight_q if hasattr(linear, "weight_q") else linear.weight
+
+
+def supports_native(model) -> bool:
+    """Whether the C step can run this model's one-token steps: on the CPU, contiguous, bfloat16
+    norms/router/embeddings, and bfloat16, int8 or 4-bit attention projections and experts."""
+    c = model.config
+    if (c.head_dim > 512 or c.num_attention_heads // c.num_key_value_heads > 16 or c.num_local_experts > 256
+            or c.num_experts_per_tok > 64):
+        return False
+    dense = [p for name, p in model.model.named_parameters()
+             if ".experts." not in name and not name.endswith("_proj.weight")]  # those: matrices below
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in dense):
+        return False
+    weights = [layer_weights(layer) for layer in model.model.layers]
+    return all(w is not None and native.layer_supported(w) for w in weights)
+
+
+class NativeStep:
+    """One-token steps by the C library: every layer and the final norm in one call, the head by
+    the C matrix-vector product."""
+
+    kind = "native"
+
+    def __init__(self, model, lib):
+        self.lib = lib
+        m = model.model
+        rope = m.rotary_emb
+        self.decoder = native.Decoder(
+            lib, model.config, m.layers[0].block_sparse_moe.top_k, m.layers[0].block_sparse_moe.jitter_eps,
+            [layer_weights(layer) for layer in m.layers], (m.norm.weight, m.norm.bias),
+            {False: rope.short_inv_freq, True: rope.long_inv_freq}, {False: rope.short_mscale, True: rope.long_mscale})
+
+    @staticmethod
+    def accepts(x: torch.Tensor, cache) -> bool:
+        """One bfloat16 sequence, on the CPU."""
+        return x.device.type == "cpu" and cache.k.dtype == torch.bfloat16 and cache.batch_size == 1
+
+    def __call__(self, model, x, cache, start: int, position_ids, long: bool) -> torch.Tensor:
+        return self.decoder(x, cache, start, int(position_ids.reshape(-1)[0]), long)
+
+    def head(self, lm_head, h: torch.Tensor) -> torch.Tensor:
+        w = lm_head.weight
+        if type(lm_head) is Linear and w.dtype == h.dtype == torch.bfloat16 and w.is_contiguous():
+            return native.linear(self.lib, h, w, lm_head.bias)
+        return lm_head(h)
+
+
+# ------------------------------------------------------------------------------ compiled kernels
+class Compiled:
+    """``fn`` compiled by inductor on first call; ``eager`` if that fails. ``dynamic=True``: every
+    size may vary; ``False``: sizes are constants except those the caller marks
+    (``torch._dynamo.maybe_mark_dynamic``), which gives inductor simpler, vectorisable indexing."""
+
+    def __init__(self, fn, eager, dynamic: bool = True):
+        self.fn, self.eager, self.dynamic, self.compiled = fn, eager, dynamic, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            separate_cache_per_isa()
+            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
+        if self.compiled is not False:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # no compiler, or an inductor limitation: never fail a decode
+                warnings.warn(f"compiled decode kernel unavailable, running eagerly ({type(exc).__name__}: {exc})",
+                              stacklevel=2)
+                self.compiled = False
+        return self.eager(*args)
+
+
+def separate_cache_per_isa() -> None:
+    """With ``ATEN_CPU_CAPABILITY`` set (say avx2 on an AVX-512 machine), keep inductor's on-disk
+    cache apart from the default one. Its cache key leaves the instruction set out: kernels
+    compiled under one setting and loaded under the other were measured here to compute wrong
+    results and corrupt the heap. An explicit ``TORCHINDUCTOR_CACHE_DIR`` is left alone."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability.lower()}"
+
+
+def mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as a reduction: x [..., in] times weight [..., out, in] -> [..., out], summed
+    in float32 and rounded once to x's dtype. Meant to be compiled (eagerly it materialises the
+    product)."""
+    y = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+matvec = Compiled(mv, F.linear)
+
+
+def _qkv(linear, x, wq, bq, wk, bk, wv, bv, cos, sin, num_heads: int, num_kv_heads: int):
+    """Attention.forward's projections and rotation, as one function to compile."""
+    b, s, _ = x.shape
+    q = linear(x, wq, bq).view(b, s, num_heads, -1).transpose(1, 2)
+    k = linear(x, wk, bk).view(b, s, num_kv_heads, -1).transpose(1, 2)
+    v = linear(x, wv, bv).view(b, s, num_kv_heads, -1).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def one_query_attention(q, k, v):
+    """Attention of one query [1, heads, 1, d] to keys/values [1, kv_heads, T, d] in float32 (as
+    SDPA computes internally): two small matmuls, several times faster than SDPA's CPU kernel
+    for a single query."""
+    _, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(1, kv_heads, heads // kv_heads, d)  # the query heads that share a K/V head
+    scores = torch.matmul(q, k.float().transpose(-1, -2)) * d**-0.5
+    return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)  # [1, kv_heads, group, d]
+
+
+def one_query_attention_math(q, k, v):
+    """one_query_attention written as reductions, for inductor (its matmuls would become a
+    flash-attention call, which costs more for one query; measured equal from ~3000 cached tokens)."""
+    _, heads, _, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(1, kv_heads, heads // kv_heads, 1, d)
+    scores = (q * k.float().unsqueeze(2)).sum(-1) * d**-0.5  # [1, kv_heads, group, T]
+    out = (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)
+    return out.to(v.dtype)
+
+
+_one_token_qkv = Compiled(functools.partial(_qkv, mv), functools.partial(_qkv, F.linear))
+
+
+def _one_token_moe_math(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
+    """SparseMoE for one token [1, hidden], written for inductor: ``w1[chosen]`` becomes indirect
+    loads inside the reductions, so only the chosen experts' weights are read, and nothing is
+    copied. Rounds to the model's dtype where the eager path does."""
+    weights, chosen = sparsemixer(mv(x, gate), jitter_eps, top_k)
+    i = chosen[0]
+    h = (F.silu(mv(x, w1[i])) * mv(x, w3[i])).to(x.dtype)  # [top_k, ffn]
+    y = (mv(h, w2[i]) * weights[0, :, None]).to(x.dtype)  # [top_k, hidden]
+    return y.sum(0, keepdim=True)
+
+
+def _one_token_moe_eager(x, gate, w1, w2, w3, jitter_eps: float, top_k: int) -> torch.Tensor:
+    weights, chosen = sparsemixer(F.linear(x, gate), jitter_eps, top_k)
+
+    def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e]), w2[e])
+
+    return combine_chosen(expert, x, weights, chosen)
+
+
+_one_token_moe = Compiled(_one_token_moe_math, _one_token_moe_eager)
+
+
+def _layer_step(linear, attention, moe, x, cos, sin, layer: native.LayerWeights, k_cache, v_cache, eps: float,
+                jitter_eps: float, top_k: int, num_heads: int, num_kv_heads: int):
+    """DecoderLayer.forward for one token x [1, 1, hidden] of a plain layer; ``k_cache``,
+    ``v_cache``: views of its cache for positions 0 .. start (the last one is written here)."""
+    w = layer
+    h = F.layer_norm(x, x.shape[-1:], w.ln1_w, w.ln1_b, eps)
+    q, k, v = _qkv(linear, h, w.q, w.bq, w.k, w.bk, w.v, w.bv, cos, sin, num_heads, num_kv_heads)
+    k_cache[:, :, -1:] = k
+    v_cache[:, :, -1:] = v
+    x = x + linear(attention(q, k_cache, v_cache).reshape(1, 1, -1), w.o, w.bo)
+    h = F.layer_norm(x, x.shape[-1:], w.ln2_w, w.ln2_b, eps).view(1, -1)
+    return x + moe(h, w.gate, w.w1, w.w2, w.w3, jitter_eps, top_k).view_as(x)
+
+
+def _layers_step(step, x, cos, sin, layers: tuple, *consts):
+    for weights, k_cache, v_cache in layers:
+        x = step(x, cos, sin, weights, k_cache, v_cache, *consts)
+    return x
+
+
+# One compiled call runs a group of layers (the same graph for every group): the cost of a call
+# (guards, wrappers, ~60-80 us) is paid per group, not per layer.
+one_token_layers = Compiled(
+    functools.partial(_layers_step, functools.partial(_layer_step, mv, one_query_attention_math, _one_token_moe_math)),
+    functools.partial(_layers_step,
+                      functools.partial(_layer_step, F.linear, one_query_attention, _one_token_moe_eager)),
+    dynamic=False,
+)
+
+
+def decode_groups(num_layers: int, most: int = DECODE_GROUP) -> list[range]:
+    """Layers split into equal groups of at most ``most`` (equal, so one graph serves them all)."""
+    size = max(g for g in range(1, min(most, num_layers) + 1) if num_layers % g == 0)
+    return [range(i, i + size) for i in range(0, num_layers, size)]
+
+
+def _plain_attention(a) -> bool:
+    return all(type(getattr(a, f"{n}_proj")) is Linear for n in "qkvo")
+
+
+def _plain_moe(moe) -> bool:
+    return type(moe.experts) is Experts and type(moe.gate) is torch.nn.Linear
+
+
+class CompiledStep:
+    """One-token steps by inductor kernels: groups of layers per compiled call where every layer
+    is plain; otherwise, layer by layer, the compiled projections and attention where the
+    attention is plain and the compiled expert block where the experts are (quantized or
+    offloaded parts keep their own forward)."""
+
+    kind = "compiled"
+
+    def __init__(self, model):
+        c, moe = model.config, model.model.layers[0].block_sparse_moe
+        self.consts = (c.rms_norm_eps, moe.jitter_eps, moe.top_k, c.num_attention_heads, c.num_key_value_heads)
+        layers = model.model.layers
+        self.attention = [_plain_attention(layer.self_attn) for layer in layers]
+        self.moe = [_plain_moe(layer.block_sparse_moe) for layer in layers]
+        self.whole = all(self.attention) and all(self.moe)
+        self.weights = [layer_weights(layer) for layer in layers] if self.whole else None
+
+    @staticmethod
+    def accepts(x: torch.Tensor, cache) -> bool:
+        return x.device.type == "cpu"
+
+    def __call__(self, model, x, cache, start: int, position_ids, long: bool) -> torch.Tensor:
+        m = model
+        cos, sin = m.rotary_emb(position_ids, long, x.dtype)
+        if self.whole:
+            for group in decode_groups(len(m.layers)):
+                x = one_token_layers(x, cos, sin, tuple(self._group_args(i, cache, start) for i in group), *self.consts)
+        else:
+            for i, layer in enumerate(m.layers):
+                x = self._layer(i, layer, x, cos, sin, cache, start)
+        return m.norm(x)
+
+    def _group_args(self, i: int, cache, start: int):
+        k_cache, v_cache = cache.window(i, start + 1)
+        for t in (k_cache, v_cache):  # one compiled graph for every cache length
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        return self.weights[i], k_cache, v_cache
+
+    def _layer(self, i: int, layer, x, cos, sin, cache, start: int):
+        a, moe = layer.self_attn, layer.block_sparse_moe
+        h = layer.input_layernorm(x)
+        if self.attention[i]:
+            q, k, v = _one_token_qkv(h, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                                     a.v_proj.weight, a.v_proj.bias, cos, sin, a.num_heads, a.num_kv_heads)
+            k, v = cache.update(a.layer_idx, k, v, start)
+            att = one_query_attention(q, k, v).reshape(1, 1, -1)
+            x = x + matvec(att, a.o_proj.weight, a.o_proj.bias)
+        else:
+            x = x + a(h, cos, sin, None, cache, start)
+        h = layer.post_attention_layernorm(x).view(1, -1)
+        if self.moe[i]:
+            e = moe.experts
+            out = _one_token_moe(h, moe.gate.weight, e.w1, e.w2, e.w3, moe.jitter_eps, moe.top_k)
+        else:
+            out = moe(h)
+        return x + out.view_as(x)
+
+    def head(self, lm_head, h: torch.Tensor) -> torch.Tensor:
+        if type(lm_head) is Linear:
+            return matvec(h, lm_head.weight, lm_head.bias)
+        return lm_head(h)
