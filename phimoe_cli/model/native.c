@@ -21,7 +21,7 @@
 
 typedef uint16_t bf16;
 
-enum { MAX_HEAD_DIM = 512, MAX_GROUP = 16 }; /* native.supports() keeps models within these */
+enum { MAX_HEAD_DIM = 512, MAX_GROUP = 16 }; /* decode.supports_native() keeps models within these */
 
 static inline float bf2f(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
