@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from phimoe_cli import __version__
+from phimoe_cli.errors import PhimoeError, UsageError, report
 from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, decode, hugepages, native
 from phimoe_cli.model.decode import matvec
 from phimoe_cli.model.kernels import prefill_dtype
@@ -55,7 +56,7 @@ COMPARE = ("transformers",)
 
 def shape_config(shape: str, layers: int | None = None) -> PhimoeConfig:
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}: choose {', '.join(SHAPES)}")
+        raise UsageError(f"unknown shape {shape!r}: choose {', '.join(SHAPES)}")
     overrides = dict(SHAPES[shape])
     if layers is not None:
         overrides["num_hidden_layers"] = layers
@@ -319,15 +320,15 @@ def run(
     quantize_attention: bool = False,
 ) -> dict:
     if quantize not in ("none", *EXPERT_BYTES):
-        raise ValueError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(EXPERT_BYTES)})")
+        raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(EXPERT_BYTES)})")
     if quantize_attention and quantize == "none":
-        raise ValueError("--quantize-attention needs --quantize int8, nf4 or fp4")
+        raise UsageError("--quantize-attention needs --quantize int8, nf4 or fp4")
     if quantize != "none" and compare is not None:
-        raise ValueError("--compare runs on unquantized weights: use it without --quantize")
+        raise UsageError("--compare runs on unquantized weights: use it without --quantize")
     if compare is not None and compare not in COMPARE:
-        raise ValueError(f"--compare: unknown engine {compare!r} (choose {', '.join(COMPARE)})")
+        raise UsageError(f"--compare: unknown engine {compare!r} (choose {', '.join(COMPARE)})")
     if prompt_tokens < 1 or gen_tokens < 0 or repeat < 1:
-        raise ValueError("-p must be >= 1, -n >= 0 and --repeat >= 1")
+        raise UsageError("-p must be >= 1, -n >= 0 and --repeat >= 1")
     if threads is not None:
         torch.set_num_threads(threads)
     config = shape_config(shape, layers)
@@ -336,7 +337,7 @@ def run(
     need = weight_bytes(config, torch_dtype)
     available = _available_memory(dev)
     if available is not None and need > available:
-        raise ValueError(
+        raise UsageError(
             f"shape {shape} needs {_gib(need)} of weights in {dtype}, {_gib(available)} is available:"
             f" use --layers N to keep fewer layers"
         )
@@ -489,13 +490,11 @@ def render(result: dict, console=None) -> None:
 
 def main(as_json: bool = False, **options) -> int:
     """Run the benchmark and print it (a table, or one JSON object); returns the exit code."""
-    import sys
 
     try:
         result = run(**options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except PhimoeError as exc:
+        return report(exc)
     if as_json:
         print(json.dumps(result))
     else:

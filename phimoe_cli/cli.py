@@ -137,21 +137,21 @@ def evaluate(
     import json
     from pathlib import Path
 
+    from phimoe_cli.errors import UsageError
     from phimoe_cli.evaluate import evaluate as run_eval
     from phimoe_cli.hub import resolve_model
-    from phimoe_cli.runtime import UserError
     from phimoe_cli.tokenizer import Tokenizer
 
     try:
         content = Path(text).read_bytes().decode("utf-8")
     except OSError as exc:
-        raise UserError(f"cannot read {text}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {text}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise UserError(f"{text} is not UTF-8 text") from None
+        raise UsageError(f"{text} is not UTF-8 text") from None
     path = resolve_model(model)
     ids = Tokenizer.from_dir(path).encode(content)[:max_tokens]
     if len(ids) < 2:
-        raise UserError(f"{text} has fewer than 2 tokens")
+        raise UsageError(f"{text} has fewer than 2 tokens")
     result = run_eval(path, ids, quant, dtype=dtype, device=device, quantize_attention=quantize_attention)
     if json_out:
         typer.echo(json.dumps(result))
@@ -284,7 +284,10 @@ def main() -> None:
     """Entry point: known failures become one 'error:' line and an exit code, never a traceback."""
     import os
     import sys
+    import warnings
 
+    # a warning (no C compiler, a kernel falling back) is one line, as errors are
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     no_args, usage_error, click_error, abort = _click_errors()
     try:
         result = app(standalone_mode=False)  # typer.Exit(code) comes back as the result
@@ -307,13 +310,14 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("PHIMOE_DEBUG"):
             raise
-        from phimoe_cli.runtime import exit_code_of
+        from phimoe_cli.errors import PhimoeError, report
 
-        code = exit_code_of(exc)
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if code is None:
-            code, text = 1, f"{type(exc).__name__}: {text} (set PHIMOE_DEBUG=1 for a traceback)"
-        sys.stderr.write(f"error: {text}\n")
+        if isinstance(exc, PhimoeError):
+            code = report(exc)
+        else:  # not one we explain: a bug, or a failure we have not met yet
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            sys.stderr.write(f"error: {type(exc).__name__}: {text} (set PHIMOE_DEBUG=1 for a traceback)\n")
+            code = 1
     _quiet_exit(code)
 
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from phimoe_cli.errors import UsageError
 from phimoe_cli.model import load_model
 
 
@@ -28,7 +29,7 @@ def _log_probs(model, ids: list[int], chunk: int):
 def evaluate(path, ids: list[int], quantize: str, dtype: str = "auto", device: str = "cpu",
              quantize_attention: bool = False, chunk: int = 1024, progress=None) -> dict:
     if len(ids) < 2:
-        raise ValueError("the text must have at least 2 tokens")
+        raise UsageError("the text must have at least 2 tokens")
     targets = torch.tensor(ids[1:])
     reference = load_model(path, dtype=dtype, device=device, progress=progress)
     chunk = min(chunk, reference.config.max_position_embeddings - 1)

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from phimoe_cli.errors import UsageError
 
-class GenerationError(ValueError):
+
+class GenerationError(UsageError):
     """Bad generation input (prompt too long, bad sampling value); one line for the user."""
 
 

@@ -34,6 +34,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import disable_progress_bars, validate_repo_id
 
+from phimoe_cli.errors import PhimoeError
+
 __all__ = [
     "CONFIG_PATTERNS",
     "DEFAULT_MODEL",
@@ -66,7 +68,7 @@ MODEL_PATTERNS: tuple[str, ...] = (
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class HubError(Exception):
+class HubError(PhimoeError):
     """A model could not be resolved. ``str(err)`` is one clear line for the user.
 
     ``exit_code`` is 2 for bad user input (a local path that does not exist, an invalid repo id),
@@ -74,8 +76,7 @@ class HubError(Exception):
     """
 
     def __init__(self, message: str, *, exit_code: int = 1) -> None:
-        super().__init__(" ".join(str(message).split()))  # always exactly one line
-        self.exit_code = exit_code
+        super().__init__(" ".join(str(message).split()), exit_code=exit_code)  # always exactly one line
 
 
 # --------------------------------------------------------------------------------------------

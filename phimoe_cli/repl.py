@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.text import Text
 
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
+from phimoe_cli.errors import UsageError
 from phimoe_cli.generation import GenerationError, Generator, SamplingParams
-from phimoe_cli.runtime import UserError, load, read_prompt
+from phimoe_cli.runtime import load, read_prompt
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_dir, private_file
 
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -282,7 +283,7 @@ def resolve_settings(cli: dict, transcript: Transcript | None) -> Settings:
     try:
         params.validate()
     except GenerationError as exc:
-        raise UserError(f"bad sampling setting in the transcript: {exc}") from None
+        raise UsageError(f"bad sampling setting in the transcript: {exc}") from None
     max_new = cli.get("max_new_tokens") or (transcript.max_new_tokens if transcript else None) or DEFAULT_MAX_NEW_TOKENS
     return Settings(params, max_new)
 
@@ -291,7 +292,7 @@ def latest_autosave() -> Path:
     folder = data_dir() / "chats"
     files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     if not files:
-        raise UserError(f"no saved conversation in {folder} to resume")
+        raise UsageError(f"no saved conversation in {folder} to resume")
     return files[-1]
 
 
@@ -832,21 +833,21 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
              quantize: str = "none", quantize_attention: bool = False, offload: str = "none",
              gpu_memory: str | None = None) -> int:
     if on_overflow not in OVERFLOW_POLICIES:
-        raise UserError(f"--on-overflow must be drop-oldest or error, got {on_overflow!r}")
+        raise UsageError(f"--on-overflow must be drop-oldest or error, got {on_overflow!r}")
     transcript, resume_path = None, None
     if resume:
         resume_path = latest_autosave() if resume == "last" else Path(resume).expanduser()
         try:
             transcript = Transcript.load(resume_path)
         except TranscriptError as exc:
-            raise UserError(str(exc)) from None
+            raise UsageError(str(exc)) from None
     cli = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens)
     settings = resolve_settings(cli, transcript)
     try:
         settings.params.validate()
     except GenerationError as exc:
-        raise UserError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
     interactive = sys.stdin is not None and sys.stdin.isatty()
     text = None if interactive else read_prompt(None)  # piped: one message, read before loading
@@ -865,7 +866,7 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
                   quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory)
     max_ctx = loaded.model.config.max_position_embeddings
     if context is not None and context > max_ctx:
-        raise UserError(f"--context {context} is more than the model's {max_ctx} tokens")
+        raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")
 
     session = ChatSession(
         loaded, settings, system=system if transcript is None else None, stop=stop, ignore_eos=ignore_eos,
@@ -882,7 +883,7 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
         try:
             turn = session.reply(text, out=sys.stdout, show_stats=False)
         except ContextOverflow as exc:
-            raise UserError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         if turn.finish_reason == "interrupted":
             sys.stderr.write("interrupted\n")
             return 130

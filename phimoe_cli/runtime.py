@@ -1,5 +1,5 @@
-"""What the commands share: reading a prompt from arguments and stdin, loading a model with its
-tokenizer, and turning known failures into one-line errors with the right exit code."""
+"""What the commands share: reading a prompt from arguments and stdin, and loading a model with
+its tokenizer. Errors: phimoe_cli.errors."""
 
 from __future__ import annotations
 
@@ -8,36 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phimoe_cli.generation import GenerationError
-from phimoe_cli.hub import HubError, resolve_model
-from phimoe_cli.model import CheckpointError, ConfigError, PhimoeForCausalLM, load_model
-from phimoe_cli.tokenizer import Tokenizer, TokenizerError
-
-
-class UserError(Exception):
-    """Bad input from the user: one line, exit code 2."""
-
-    exit_code = 2
-
-
-def exit_code_of(exc: BaseException) -> int | None:
-    """The exit code for an error we know how to explain in one line, else None."""
-    if isinstance(exc, HubError):
-        return getattr(exc, "exit_code", 1)
-    if isinstance(exc, (UserError, GenerationError)):
-        return 2
-    if isinstance(exc, (CheckpointError, ConfigError, TokenizerError)):
-        return 1
-    if isinstance(exc, ValueError) and _is_option_error(exc):
-        return 2
-    return None
-
-
-def _is_option_error(exc: ValueError) -> bool:
-    text = str(exc)
-    prefixes = ("unknown dtype", "unknown device", "device ", "unknown quantization", "unknown offload")
-    needles = ("CUDA is not available", "is already quantized", "exists and is not empty", "--offload works")
-    return text.startswith(prefixes) or any(needle in text for needle in needles)
+from phimoe_cli.errors import UsageError
+from phimoe_cli.hub import resolve_model
+from phimoe_cli.model import PhimoeForCausalLM, load_model
+from phimoe_cli.tokenizer import Tokenizer
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
@@ -46,33 +20,33 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes in argv arrive as lone surrogates
-            raise UserError("the prompt argument is not valid UTF-8") from None
+            raise UsageError("the prompt argument is not valid UTF-8") from None
     stdin = stdin if stdin is not None else sys.stdin
     piped = stdin is not None and not stdin.isatty()
     if prompt == "-":
         if not piped:
-            raise UserError("prompt '-' means stdin, but stdin is a terminal: pipe text in")
+            raise UsageError("prompt '-' means stdin, but stdin is a terminal: pipe text in")
         prompt, extra = None, _read_stdin(stdin)
     elif piped:
         extra = _read_stdin(stdin)
     else:
         extra = None
     if prompt is None and extra is None:
-        raise UserError("no prompt: give PROMPT as an argument or pipe text on stdin")
+        raise UsageError("no prompt: give PROMPT as an argument or pipe text on stdin")
     text = "\n\n".join(p for p in (prompt, extra) if p is not None and p.strip())
     if not text.strip():
-        raise UserError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     return text
 
 
 def _read_stdin(stdin) -> str:
     data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
     if b"\x00" in data:
-        raise UserError("stdin looks binary (it contains NUL bytes); pipe text")
+        raise UsageError("stdin looks binary (it contains NUL bytes); pipe text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"stdin is not valid UTF-8 (byte {exc.start})") from None
+        raise UsageError(f"stdin is not valid UTF-8 (byte {exc.start})") from None
 
 
 @dataclass
@@ -118,5 +92,5 @@ def parse_size(text: str | None) -> int | None:
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"cannot read the size {text!r}: use e.g. 20GiB, 24GB or 512MiB")
+        raise UsageError(f"cannot read the size {text!r}: use e.g. 20GiB, 24GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -14,15 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from phimoe_cli.errors import PhimoeError, UsageError, report
 from phimoe_cli.tokenizer import Tokenizer, TokenizerError
-
-
-class UsageError(Exception):
-    """Bad input: reported as one ``error:`` line, exit code 2."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(" ".join(str(message).split()))
-        self.exit_code = exit_code
 
 
 def resolve_tokenizer_dir(model: str, revision: str | None = None) -> Path:
@@ -118,12 +111,10 @@ def main(text: str | None, model: str, *, revision: str | None, jsonl: bool, cha
     """Run the command; report errors as one ``error:`` line on stderr. Returns the exit code."""
     try:
         run(text, model, revision=revision, jsonl=jsonl, chat=chat, decode=decode)
-    except UsageError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return exc.exit_code
-    except TokenizerError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    except TokenizerError as exc:  # here the tokenizer's input is what the user typed: exit 2
+        return report(UsageError(str(exc)))
+    except PhimoeError as exc:
+        return report(exc)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

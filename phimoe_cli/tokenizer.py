@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phimoe_cli.errors import PhimoeError
+
 __all__ = ["AddedToken", "StreamDecoder", "Tokenizer", "TokenizerError"]
 
 # Rust's ``char::is_whitespace`` (the Unicode White_Space property), which ``tokenizers`` uses for
@@ -47,7 +49,7 @@ _ROLE_MARKERS = {"system": _SYSTEM, "user": _USER, "assistant": _ASSISTANT}
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PhimoeError, ValueError):
     """The tokenizer files are missing or unreadable, or an input cannot be tokenized.
 
     ``str(err)`` is one line that names the file concerned.

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phimoe_cli.errors import PhimoeError
+
 FORMAT = "phimoe-chat"
 VERSION = 1
 ROLES = ("system", "user", "assistant")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
-class TranscriptError(ValueError):
+class TranscriptError(PhimoeError, ValueError):
     """A transcript that cannot be read or written; ``str()`` is one line."""
 
 

@@ -13,8 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from phimoe_cli.errors import PhimoeError
 
-class ConfigError(ValueError):
+
+class ConfigError(PhimoeError, ValueError):
     """A config.json that cannot describe a PhiMoE model; the message is one line naming the field."""
 
 

@@ -25,6 +25,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from phimoe_cli.errors import UsageError
+
 from . import native
 from .layers import Experts, Linear, apply_rope, combine_chosen, sparsemixer
 
@@ -47,7 +49,7 @@ def choose(model, kind: str | bool | None = None, lib=None) -> str:
         if kind not in KINDS:
             kind = _default(model)
     if kind not in KINDS:
-        raise ValueError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
+        raise UsageError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
     step = None
     if kind == "native":
         lib = lib or native.library()

@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import torch
 
+from phimoe_cli.errors import PhimoeError, UsageError
+
 from . import decode, hugepages
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
@@ -36,7 +38,7 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PhimoeError, ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the file or tensor."""
 
 
@@ -47,7 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: PhimoeConfig | None = None) 
     if name == "auto":
         name = config.torch_dtype if config is not None else "bfloat16"
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose auto, bfloat16, float16 or float32")
+        raise UsageError(f"unknown dtype {dtype!r}: choose auto, bfloat16, float16 or float32")
     return DTYPES[name]
 
 
@@ -57,11 +59,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: choose cpu or cuda") from None
+        raise UsageError(f"unknown device {device!r}: choose cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but CUDA is not available on this machine")
+        raise UsageError("device cuda was asked for, but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported: choose cpu or cuda")
+        raise UsageError(f"device {device!r} is not supported: choose cpu or cuda")
     return dev
 
 
@@ -398,10 +400,10 @@ def load_model(
     config = load_config(path)
     saved = read_quantization(path)
     if quantize not in ("none", *QUANT_TYPES):
-        raise ValueError(f"unknown quantization {quantize!r}: choose none, {', '.join(QUANT_TYPES)}")
+        raise UsageError(f"unknown quantization {quantize!r}: choose none, {', '.join(QUANT_TYPES)}")
     if saved is not None:
         if quantize not in ("none", saved["quantize"]) or (quantize_attention and not saved["quantize_attention"]):
-            raise ValueError(f"{path} is already quantized ({saved['quantize']}); load it without --quantize")
+            raise UsageError(f"{path} is already quantized ({saved['quantize']}); load it without --quantize")
         quantize, quantize_attention = saved["quantize"], saved["quantize_attention"]
         if dtype == "auto":
             dtype = saved["dtype"]
@@ -414,10 +416,10 @@ def load_model(
     dev = resolve_device(device)
     capacity = None
     if offload not in ("none", "experts", "disk"):
-        raise ValueError(f"unknown offload {offload!r}: choose none, experts or disk")
+        raise UsageError(f"unknown offload {offload!r}: choose none, experts or disk")
     if offload != "none":
         if quantize != "none":
-            raise ValueError("--offload works with unquantized experts for now (use one or the other)")
+            raise UsageError("--offload works with unquantized experts for now (use one or the other)")
         budget = gpu_memory
         if budget is None and dev.type == "cuda":
             budget = int(torch.cuda.mem_get_info(dev)[0] * 0.9)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phimoe_cli.errors import UsageError
+
 from . import native
 from .kernels import blocked_linear, prefill_dtype, prefill_linear
 from .layers import Experts
@@ -61,7 +63,7 @@ class QuantizedMatrices(nn.Module):
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
         if quant_type not in QUANT_TYPES:
-            raise ValueError(f"unknown quantization {quant_type!r}: choose none, {', '.join(QUANT_TYPES)}")
+            raise UsageError(f"unknown quantization {quant_type!r}: choose none, {', '.join(QUANT_TYPES)}")
         if quant_type != "int8" and (out_features * in_features) % BLOCKSIZE:
             raise ValueError(f"{quant_type} needs matrices whose size is a multiple of {BLOCKSIZE}")
         self.quant_type, self.dtype = quant_type, dtype

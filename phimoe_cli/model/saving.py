@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from phimoe_cli.errors import UsageError
+
 from .loading import INDEX_FILE, QUANT_FILE
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -27,7 +29,7 @@ def save_quantized(model, source: str | Path, out: str | Path, shard_bytes: int 
     if info.get("quantize", "none") == "none":
         raise ValueError("the model is not quantized")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty")
+        raise UsageError(f"{out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     if model.config.tie_word_embeddings:
