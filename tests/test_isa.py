@@ -97,7 +97,7 @@ def test_generate_without_a_c_compiler_decodes_as_the_eager_path(model_dir, tmp_
     without = subprocess.run(args, capture_output=True, text=True, env=no_cc, stdin=subprocess.DEVNULL, timeout=120)
     assert without.returncode == 0, without.stderr
     assert "no C compiler" in without.stderr and "Traceback" not in without.stderr
-    assert [line for line in without.stderr.splitlines() if "C compiler" in line][0].startswith("warning: ")
+    assert next(line for line in without.stderr.splitlines() if "C compiler" in line).startswith("warning: ")
     assert not any((tmp_path / "cache").glob("*.so"))
     eager = subprocess.run(args, capture_output=True, text=True, env=dict(base, PHIMOE_DECODE_KERNEL="eager"),
                            stdin=subprocess.DEVNULL, timeout=120)
