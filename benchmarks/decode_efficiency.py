@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from phimoe_cli.bench import active_bytes, random_model, shape_config
+from phimoe_cli.bench import random_model, shape_config
 from phimoe_cli.model import decode, hugepages, native
 from phimoe_cli.model.decode import matvec
+from phimoe_cli.model.memory import active_bytes
 from phimoe_cli.model.quant import quantize_in_place
 
 parser = argparse.ArgumentParser()
@@ -39,7 +40,7 @@ w = hugepages.empty((65536, 4096), torch.bfloat16).fill_(1)
 v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
 big = hugepages.empty((128 << 20,), torch.float32).fill_(1)
 lib = native.library()
-active = active_bytes(cfg, torch.bfloat16, 128 + 31.5, args.quantize, args.quantize_attention)
+active = active_bytes(cfg, 2, 128 + 31.5, args.quantize, args.quantize_attention)
 
 
 def read_bw() -> float:

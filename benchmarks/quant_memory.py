@@ -37,8 +37,8 @@ print(status("VmHWM") - base, held, dt)
 
 
 def main() -> None:
-    from phimoe_cli.info import memory_estimates
     from phimoe_cli.model import PhimoeConfig
+    from phimoe_cli.model.memory import memory_estimates
 
     cfg = make_config(hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, num_local_experts=8, vocab_size=4096)

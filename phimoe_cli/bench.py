@@ -34,9 +34,9 @@ from phimoe_cli.model import PhimoeConfig, PhimoeForCausalLM, decode, hugepages,
 from phimoe_cli.model.decode import matvec
 from phimoe_cli.model.kernels import prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
+from phimoe_cli.model.memory import QUANT_BYTES, active_bytes, available_ram, weight_bytes
 from phimoe_cli.model.native import cpuinfo
-from phimoe_cli.model.offload import available_ram
-from phimoe_cli.model.quant import BYTES_PER_WEIGHT, quantize_in_place
+from phimoe_cli.model.quant import quantize_in_place
 
 SHAPES: dict[str, dict] = {
     # the published Phi-3.5-MoE-instruct dimensions (42B parameters; use --layers to fit memory)
@@ -79,35 +79,6 @@ def random_model(config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
     return model.eval().requires_grad_(False)
-
-
-def weight_bytes(config: PhimoeConfig, dtype: torch.dtype) -> int:
-    with torch.device("meta"):
-        model = PhimoeForCausalLM(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
-
-
-EXPERT_BYTES = BYTES_PER_WEIGHT  # per quantized expert weight, scales included
-
-
-def active_bytes(config: PhimoeConfig, dtype: torch.dtype, context: float, quantize: str = "none",
-                 quantize_attention: bool = False) -> int:
-    """Bytes one decode step must read: every dense weight, top_k of the experts, one embedding
-    row, and the KV cache of ``context`` tokens."""
-    c, size = config, dtype.itemsize
-    h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
-    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-    projections = h * (q + 2 * kv) + q * h
-    attention = (q + 2 * kv + h) * c.attention_bias + (0 if quantize_attention else projections)
-    norms = 2 * 2 * h
-    router = c.num_local_experts * h
-    experts = c.num_experts_per_tok * 3 * h * f
-    kv_cache = 2 * kv * context
-    per_layer = attention + norms + router + kv_cache
-    head = c.vocab_size * h + c.vocab_size * c.lm_head_bias + 2 * h + h  # lm_head, final norm, embedding row
-    quantized = experts + (projections if quantize_attention else 0)
-    return int((c.num_hidden_layers * per_layer + head) * size
-               + c.num_hidden_layers * quantized * EXPERT_BYTES.get(quantize, size))
 
 
 # --------------------------------------------------------------------------------- measurements
@@ -319,8 +290,8 @@ def run(
     quantize: str = "none",
     quantize_attention: bool = False,
 ) -> dict:
-    if quantize not in ("none", *EXPERT_BYTES):
-        raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(EXPERT_BYTES)})")
+    if quantize not in ("none", *QUANT_BYTES):
+        raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(QUANT_BYTES)})")
     if quantize_attention and quantize == "none":
         raise UsageError("--quantize-attention needs --quantize int8, nf4 or fp4")
     if quantize != "none" and compare is not None:
@@ -334,7 +305,7 @@ def run(
     config = shape_config(shape, layers)
     torch_dtype = resolve_dtype(dtype, config)
     dev = resolve_device(device)
-    need = weight_bytes(config, torch_dtype)
+    need = weight_bytes(config, torch_dtype.itemsize)
     available = _available_memory(dev)
     if available is not None and need > available:
         raise UsageError(
@@ -370,7 +341,7 @@ def run(
 
     bandwidth = max(bandwidth, read_bandwidth(dev))  # again, after: the best of both counts
     context = prompt_tokens + (gen_tokens - 1) / 2  # mean tokens attended over the decode steps
-    active = active_bytes(config, torch_dtype, context, quantize, quantize_attention)
+    active = active_bytes(config, torch_dtype.itemsize, context, quantize, quantize_attention)
     roofline = bandwidth / active
     for r in results:
         r.roofline_pct = 100 * r.decode_tok_s / roofline

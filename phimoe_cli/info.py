@@ -4,29 +4,7 @@ KV-cache bytes per token, and whether it fits this machine."""
 from __future__ import annotations
 
 from phimoe_cli.model import PhimoeConfig
-from phimoe_cli.model.config import parameter_counts
-from phimoe_cli.model.offload import available_ram
-from phimoe_cli.model.quant import BYTES_PER_WEIGHT as QUANT_BYTES
-
-# Bytes per weight for each storage choice (bitsandbytes layouts: int8 keeps one float32 scale per
-# row; nf4/fp4 pack two weights a byte plus one float32 absmax per 64-weight block).
-BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, **QUANT_BYTES}
-
-
-def kv_bytes_per_token(c: PhimoeConfig, dtype_bytes: int = 2) -> int:
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
-
-
-def memory_estimates(c: PhimoeConfig, compute_dtype_bytes: int = 2) -> dict[str, int]:
-    """Weight bytes for each choice: dtypes store everything so; quantizations store the experts
-    quantized and the rest (router, norms, embeddings, lm_head, attention) in bf16."""
-    n = parameter_counts(c)
-    out = {}
-    for name in ("float32", "bfloat16", "float16"):
-        out[name] = int(n["total"] * BYTES_PER_WEIGHT[name])
-    for name in ("int8", "nf4", "fp4"):
-        out[name] = int(n["experts"] * BYTES_PER_WEIGHT[name] + n["dense"] * compute_dtype_bytes)
-    return out
+from phimoe_cli.model.memory import available_ram, kv_bytes_per_token, memory_estimates, parameter_counts
 
 
 def gpu_memory() -> list[tuple[str, int, int]]:

@@ -41,11 +41,18 @@ def test_bench_rejects_unknown_shape():
 
 
 def test_active_bytes_counts_two_of_sixteen_experts():
+    import torch
+
+    from phimoe_cli.model import PhimoeForCausalLM, memory
+
     cfg = bench.shape_config("phi-3.5-moe")
-    active = bench.active_bytes(cfg, bench.torch.bfloat16, context=0)
-    total = bench.weight_bytes(cfg, bench.torch.bfloat16)
+    active = memory.active_bytes(cfg, 2, context=0)
+    total = memory.weight_bytes(cfg, 2)
     assert 6.4e9 * 2 < active < 6.8e9 * 2  # 6.6B active parameters, 2 bytes each
     assert 41e9 * 2 < total < 42.5e9 * 2
+    with torch.device("meta"):  # the arithmetic counts what the model really holds
+        real = sum(p.numel() for p in PhimoeForCausalLM(cfg).parameters())
+    assert memory.parameter_counts(cfg)["total"] == real
 
 
 def test_compare_transformers_runs_the_same_weights():

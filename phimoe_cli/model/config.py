@@ -194,33 +194,6 @@ class PhimoeConfig:
         return out
 
 
-def parameter_counts(c: PhimoeConfig) -> dict[str, int]:
-    """Parameters by part; ``active`` is what one token reads (top-k experts, not all)."""
-    h, d = c.hidden_size, c.head_dim
-    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-    bias = c.attention_bias
-    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv + h) if bias else 0)
-    norms = 2 * 2 * h
-    router = h * c.num_local_experts
-    expert = 3 * h * c.intermediate_size
-    layers = c.num_hidden_layers
-    embed = c.vocab_size * h
-    head = 0 if c.tie_word_embeddings else c.vocab_size * h
-    head += c.vocab_size if c.lm_head_bias else 0
-    dense = layers * (attention + norms + router) + embed + head + 2 * h
-    experts_total = layers * c.num_local_experts * expert
-    experts_active = layers * c.num_experts_per_tok * expert
-    return {
-        "total": dense + experts_total,
-        "active": dense + experts_active,
-        "experts": experts_total,
-        "dense": dense,
-        "attention": layers * attention,
-        "embedding": embed,
-        "lm_head": head,
-    }
-
-
 _INT_FIELDS = (
     "vocab_size",
     "hidden_size",

@@ -141,20 +141,15 @@ def sparsemixer(scores: torch.Tensor, jitter_eps: float, top_k: int = 2):
     return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
 
 
-class Experts(nn.Module):
-    """``num_local_experts`` SwiGLU feed-forward networks, stacked: w1 (gate) and w3 (up) are
-    [experts, ffn, hidden], w2 (down) is [experts, hidden, ffn]."""
+class ExpertGroup(nn.Module):
+    """What every way of storing the experts shares: given each token's chosen experts and their
+    weights, run ``expert(e, x)`` once per expert on its tokens. Subclasses store the weights
+    (here as float stacks, in quant.py quantized, in offload.py in host memory)."""
 
-    def __init__(self, config: PhimoeConfig):
-        super().__init__()
-        e, h, f = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.num_experts = e
-        self.w1 = nn.Parameter(torch.empty(e, f, h))
-        self.w3 = nn.Parameter(torch.empty(e, f, h))
-        self.w2 = nn.Parameter(torch.empty(e, h, f))
+    num_experts: int
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return prefill_linear(F.silu(prefill_linear(x, self.w1[e])) * prefill_linear(x, self.w3[e]), self.w2[e])
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, chosen: [tokens, top_k]. Tokens are grouped by expert so
@@ -182,6 +177,22 @@ class Experts(nn.Module):
         """Decoding: only the chosen experts' weights are read (views into the stacks, no gather
         copy, no sort). Summed in expert order, as the grouped path does."""
         return combine_chosen(self.expert, x, weights, chosen)
+
+
+class Experts(ExpertGroup):
+    """``num_local_experts`` SwiGLU feed-forward networks, stacked: w1 (gate) and w3 (up) are
+    [experts, ffn, hidden], w2 (down) is [experts, hidden, ffn]."""
+
+    def __init__(self, config: PhimoeConfig):
+        super().__init__()
+        e, h, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = e
+        self.w1 = nn.Parameter(torch.empty(e, f, h))
+        self.w3 = nn.Parameter(torch.empty(e, f, h))
+        self.w2 = nn.Parameter(torch.empty(e, h, f))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return prefill_linear(F.silu(prefill_linear(x, self.w1[e])) * prefill_linear(x, self.w3[e]), self.w2[e])
 
 
 def combine_chosen(expert, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ from phimoe_cli.errors import PhimoeError, UsageError
 from . import decode, hugepages
 from .config import ConfigError, PhimoeConfig
 from .layers import LongRoPE
-from .offload import OffloadedExperts, capacity_for_budget, plan_placement
+from .offload import OffloadedExperts, capacity_for_budget, plan_placement, swap_in_offloaded
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
-from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear
+from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear, swap_in_quantized
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -335,29 +335,13 @@ def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.dev
     with torch.device("meta"):
         model = cls(config).to(dtype=dtype)
         if quantize != "none":
-            _swap_quantized(model, config, quantize, quantize_attention, dtype)
+            swap_in_quantized(model, quantize, quantize_attention, dtype)
         if offload_capacity is not None:
-            c = config
-            for layer in model.model.layers:
-                layer.block_sparse_moe.experts = OffloadedExperts(
-                    c.num_local_experts, c.hidden_size, c.intermediate_size, offload_capacity, dtype, device, mapped)
+            swap_in_offloaded(model, offload_capacity, dtype, device, mapped)
     model = model._apply(lambda t: hugepages.empty_like(t, device))  # to_empty, in huge pages on the CPU
     # non-persistent buffers do not survive to_empty: rebuild the rotary tables (kept in float32)
     model.model.rotary_emb = LongRoPE(config).to(device)
     return model
-
-
-def _swap_quantized(model, config: PhimoeConfig, quant_type: str, attention: bool, dtype) -> None:
-    c = config
-    for layer in model.model.layers:
-        moe = layer.block_sparse_moe
-        moe.experts = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type, dtype)
-        if attention:
-            attn = layer.self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                old = getattr(attn, name)
-                setattr(attn, name, QuantizedLinear(old.in_features, old.out_features, old.bias is not None,
-                                                    quant_type, dtype))
 
 
 def read_quantization(path: str | Path) -> dict | None:

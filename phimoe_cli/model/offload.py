@@ -9,23 +9,22 @@ norms and embeddings stay on the device. The code is device-agnostic: with host 
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
-from .config import parameter_counts
-from .layers import Experts
-from .quant import BYTES_PER_WEIGHT
+from .layers import ExpertGroup
+from .memory import QUANT_BYTES, available_ram, expert_bytes, kv_bytes_per_token, parameter_counts
 
 
-class OffloadedExperts(Experts):
-    """``layers.Experts`` whose weights live in host memory, with a per-layer LRU device cache."""
+class OffloadedExperts(ExpertGroup):
+    """The experts (same routing and dispatch as ``layers.Experts``) in host memory, with a
+    per-layer LRU cache of the ones in use on the device."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str, mapped: bool = False):
-        torch.nn.Module.__init__(self)
+        super().__init__()
         self.num_experts = num_experts
         self.capacity = max(1, min(capacity, num_experts))
         self.device = torch.device(device)
@@ -98,8 +97,13 @@ def offload_stats(model) -> dict:
             "capacity_per_layer": layers[0].capacity, "memory_mapped": layers[0].mapped}
 
 
-def expert_bytes(config, dtype_bytes: int) -> int:
-    return 3 * config.hidden_size * config.intermediate_size * dtype_bytes
+def swap_in_offloaded(model, capacity: int, dtype: torch.dtype, device, mapped: bool) -> None:
+    """Give a model built on the meta device offloaded experts, ``capacity`` per layer on
+    ``device``; ``mapped``: they keep the checkpoint's memory-mapped tensors (offload "disk")."""
+    c = model.config
+    for layer in model.model.layers:
+        layer.block_sparse_moe.experts = OffloadedExperts(
+            c.num_local_experts, c.hidden_size, c.intermediate_size, capacity, dtype, device, mapped)
 
 
 def capacity_for_budget(config, budget_bytes: int, dtype_bytes: int) -> int:
@@ -115,9 +119,8 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
     offloaded to host memory if the rest fits; else on the CPU. Experts that do not fit host RAM
     either stay memory-mapped from the checkpoint files (offload "disk")."""
     counts = parameter_counts(config)
-    per_weight = BYTES_PER_WEIGHT.get(quantize, dtype_bytes)
-    weights = counts["dense"] * dtype_bytes + counts["experts"] * per_weight
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes * kv_tokens
+    weights = counts["dense"] * dtype_bytes + counts["experts"] * QUANT_BYTES.get(quantize, dtype_bytes)
+    kv = kv_bytes_per_token(config, dtype_bytes) * kv_tokens
     active_experts = config.num_hidden_layers * config.num_experts_per_tok * expert_bytes(config, dtype_bytes)
     free = gpu_memory
     if free is None and torch.cuda.is_available():
@@ -145,18 +148,3 @@ def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_mem
                         reason=plan["reason"] + "; the model does not fit RAM: experts stay memory-mapped "
                                                 "from the files")
     return plan
-
-
-def available_ram() -> int | None:
-    """Bytes of RAM available to a new allocation (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

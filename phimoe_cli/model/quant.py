@@ -30,7 +30,7 @@ from phimoe_cli.errors import UsageError
 
 from . import native
 from .kernels import blocked_linear, prefill_dtype, prefill_linear
-from .layers import Experts
+from .layers import ExpertGroup
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 BLOCKSIZE = 64
@@ -39,8 +39,6 @@ CODEBOOK = {
     "nf4": (-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127),
     "fp4": (0, 1, 85, 127, 42, 64, 21, 32, 0, -1, -85, -127, -42, -64, -21, -32),
 }
-#: Stored bytes per weight, scales included (int8's one float32 per row is ~0.1% and left out).
-BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5 + 4 / BLOCKSIZE, "fp4": 0.5 + 4 / BLOCKSIZE}
 
 
 def _bnb():
@@ -152,12 +150,13 @@ def _int8_kernel_applies(x: torch.Tensor) -> bool:
     )
 
 
-class QuantizedExperts(Experts):
-    """``layers.Experts`` (same routing and dispatch) with quantized w1 (gate), w3 (up), w2 (down)."""
+class QuantizedExperts(ExpertGroup):
+    """The experts (same routing and dispatch as ``layers.Experts``) with quantized w1 (gate),
+    w3 (up) and w2 (down)."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, quant_type: str, dtype: torch.dtype,
                  device: torch.device | str | None = None):
-        nn.Module.__init__(self)
+        super().__init__()
         self.num_experts = num_experts
         self.w1 = QuantizedMatrices(num_experts, ffn, hidden, quant_type, dtype, device)
         self.w3 = QuantizedMatrices(num_experts, ffn, hidden, quant_type, dtype, device)
@@ -165,6 +164,22 @@ class QuantizedExperts(Experts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.w2.linear(e, F.silu(self.w1.linear(e, x)) * self.w3.linear(e, x))
+
+
+def swap_in_quantized(model, quant_type: str, attention: bool, dtype: torch.dtype) -> None:
+    """Give a model built on the meta device (no storage yet) quantized experts (and with
+    ``attention`` quantized q/k/v/o), empty: loading fills them tensor by tensor, so the float
+    weights are never allocated."""
+    c = model.config
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        moe.experts = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type, dtype)
+        if attention:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                old = getattr(attn, name)
+                setattr(attn, name, QuantizedLinear(old.in_features, old.out_features, old.bias is not None,
+                                                    quant_type, dtype))
 
 
 def quantize_in_place(model, quant_type: str, attention: bool = False) -> None:
