@@ -7,16 +7,16 @@ import sys
 
 from phimoe_cli.generation import Generator, SamplingParams
 from phimoe_cli.model.offload import offload_stats
-from phimoe_cli.runtime import load, read_prompt
+from phimoe_cli.options import LoadOptions
+from phimoe_cli.runtime import load as load_model
+from phimoe_cli.runtime import read_prompt
 
 
-def run_generate(prompt, *, model, revision, offline, system, raw, params: SamplingParams,
-                 max_new_tokens, stop, ignore_eos, dtype, device, json_out, verbose,
-                 quantize="none", quantize_attention=False, offload="none", gpu_memory=None) -> int:
+def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingParams, max_new_tokens: int, stop,
+                 ignore_eos: bool, json_out: bool, verbose: bool) -> int:
     text = read_prompt(prompt)
     params.validate()
-    loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device,
-                  quantize=quantize, quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory)
+    loaded = load_model(load)
     tok = loaded.tokenizer
     if raw:
         prompt_ids = tok.encode(text)

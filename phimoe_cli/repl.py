@@ -25,10 +25,12 @@ from rich.text import Text
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
 from phimoe_cli.errors import UsageError
 from phimoe_cli.generation import GenerationError, Generator, SamplingParams
-from phimoe_cli.runtime import load, read_prompt
+from phimoe_cli.options import LoadOptions, sampling
+from phimoe_cli.params import MAX_NEW_TOKENS
+from phimoe_cli.runtime import load as load_model
+from phimoe_cli.runtime import read_prompt
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_dir, private_file
 
-DEFAULT_MAX_NEW_TOKENS = 1024
 OVERFLOW_POLICIES = ("drop-oldest", "error")
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -269,22 +271,13 @@ def _env_flag(name: str) -> bool:
 
 def resolve_settings(cli: dict, transcript: Transcript | None) -> Settings:
     """Sampling settings: the command line's, else the transcript's, else the defaults."""
-    defaults = SamplingParams()
-    saved = dict(transcript.sampling) if transcript else {}
-    values = {}
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
-        if cli.get(name) is not None:
-            values[name] = cli[name]
-        elif name in saved:
-            values[name] = saved[name]
-        else:
-            values[name] = getattr(defaults, name)
-    params = SamplingParams(**values)
+    params = sampling(cli, dict(transcript.sampling) if transcript else None)
     try:
         params.validate()
     except GenerationError as exc:
         raise UsageError(f"bad sampling setting in the transcript: {exc}") from None
-    max_new = cli.get("max_new_tokens") or (transcript.max_new_tokens if transcript else None) or DEFAULT_MAX_NEW_TOKENS
+    saved_max = transcript.max_new_tokens if transcript else None
+    max_new = cli.get("max_new_tokens") or saved_max or MAX_NEW_TOKENS["chat"]
     return Settings(params, max_new)
 
 
@@ -825,13 +818,9 @@ def make_prompt_session(history_path: Path | None):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_chat(*, model: str, revision: str | None, offline: bool | None, system: str | None,
-             temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
-             repetition_penalty: float | None, seed: int | None, max_new_tokens: int | None,
-             stop: list[str], ignore_eos: bool, dtype: str, device: str, context: int | None,
-             plain: bool, no_history: bool, resume: str | None, on_overflow: str,
-             quantize: str = "none", quantize_attention: bool = False, offload: str = "none",
-             gpu_memory: str | None = None) -> int:
+def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_tokens: int | None,
+             stop: list[str], ignore_eos: bool, context: int | None, plain: bool, no_history: bool,
+             resume: str | None, on_overflow: str) -> int:
     if on_overflow not in OVERFLOW_POLICIES:
         raise UsageError(f"--on-overflow must be drop-oldest or error, got {on_overflow!r}")
     transcript, resume_path = None, None
@@ -841,9 +830,7 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
             transcript = Transcript.load(resume_path)
         except TranscriptError as exc:
             raise UsageError(str(exc)) from None
-    cli = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-               repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens)
-    settings = resolve_settings(cli, transcript)
+    settings = resolve_settings(dict(sampling, max_new_tokens=max_new_tokens), transcript)
     try:
         settings.params.validate()
     except GenerationError as exc:
@@ -862,8 +849,7 @@ def run_chat(*, model: str, revision: str | None, offline: bool | None, system: 
             history_path = None
 
     console = Console(highlight=False, stderr=not interactive)
-    loaded = load(model, revision=revision, offline=offline, dtype=dtype, device=device, quantize=quantize,
-                  quantize_attention=quantize_attention, offload=offload, gpu_memory=gpu_memory)
+    loaded = load_model(load)
     max_ctx = loaded.model.config.max_position_embeddings
     if context is not None and context > max_ctx:
         raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")

@@ -11,6 +11,7 @@ from pathlib import Path
 from phimoe_cli.errors import UsageError
 from phimoe_cli.hub import resolve_model
 from phimoe_cli.model import PhimoeForCausalLM, load_model
+from phimoe_cli.options import LoadOptions
 from phimoe_cli.tokenizer import Tokenizer
 
 
@@ -65,19 +66,18 @@ class Loaded:
         return getattr(self.model, "quantization", {}).get("quantize", "none")
 
 
-def load(model: str, revision: str | None = None, offline: bool | None = None,
-         dtype: str = "auto", device: str = "cpu", progress: bool | None = None,
-         quantize: str = "none", quantize_attention: bool = False, offload: str = "none",
-         gpu_memory: str | None = None) -> Loaded:
-    """Resolve ``model`` (a directory or hub repo id), then load its tokenizer and weights."""
+def load(options: LoadOptions | str, progress: bool | None = None) -> Loaded:
+    """Resolve the model (a directory or hub repo id; a string: that model, defaults otherwise),
+    then load its tokenizer and weights."""
+    o = LoadOptions(model=options) if isinstance(options, str) else options
     t0 = time.perf_counter()
-    path = resolve_model(model, revision=revision, offline=offline, progress=progress)
+    path = resolve_model(o.model, revision=o.revision, offline=o.offline, progress=progress)
     tokenizer = Tokenizer.from_dir(path)
-    net = load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize,
-                     quantize_attention=quantize_attention, offload=offload, gpu_memory=parse_size(gpu_memory))
+    net = load_model(path, dtype=o.dtype, device=o.device, progress=progress, quantize=o.quantize,
+                     quantize_attention=o.quantize_attention, offload=o.offload, gpu_memory=parse_size(o.gpu_memory))
     dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
     device_name = str(net.lm_head.weight.device.type)
-    return Loaded(model, revision, path, net, tokenizer, dtype_name, device_name, time.perf_counter() - t0)
+    return Loaded(o.model, o.revision, path, net, tokenizer, dtype_name, device_name, time.perf_counter() - t0)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,

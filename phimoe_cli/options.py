@@ -1,0 +1,107 @@
+"""Every command-line option, declared once, and the groups of values that travel together.
+
+Commands take these ``Annotated`` aliases as parameters (``model: options.Model = DEFAULT_MODEL``),
+so an option's flags, help and checks are written here and nowhere else. The load options reach
+runtime.load as one ``LoadOptions``; sampling options default to None and take their defaults
+from SamplingParams (params.py), the one place defaults live. Light: no torch here, so that
+``phimoe --help`` starts at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+from phimoe_cli.params import MAX_NEW_TOKENS, SamplingParams
+
+DEFAULT_MODEL = "microsoft/Phi-3.5-MoE-instruct"
+_DEFAULTS = SamplingParams()
+_SAMPLING = "Sampling"
+_LOADING = "Loading"
+
+# ---------------------------------------------------------------------------------- the model
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub repo id or local checkpoint directory.")]
+ModelArg = Annotated[str, typer.Argument(help="Hub repo id or local checkpoint directory.")]
+Revision = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit of a hub repo.",
+                                              rich_help_panel=_LOADING)]
+Offline = Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache.",
+                                       rich_help_panel=_LOADING)]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32.",
+                                    rich_help_panel=_LOADING)]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (plan from free GPU memory).",
+                                     rich_help_panel=_LOADING)]
+Quantize = Annotated[str | None, typer.Option(
+    "--quantize", "-q", help="Experts as int8, nf4 or fp4 (bitsandbytes' formats); none keeps them.",
+    rich_help_panel=_LOADING, show_default=False)]
+QuantizeAttention = Annotated[bool, typer.Option("--quantize-attention", help="Also quantize q/k/v/o.",
+                                                 rich_help_panel=_LOADING)]
+Offload = Annotated[str, typer.Option(
+    "--offload", help="experts: kept in host RAM, the used ones cached on the device; disk: memory-mapped "
+                      "from the files.", rich_help_panel=_LOADING)]
+GpuMemory = Annotated[str | None, typer.Option(
+    "--gpu-memory", help="Device memory for --offload / --device auto / --plan, e.g. 20GiB.", rich_help_panel=_LOADING)]
+
+# --------------------------------------------------------------------------- the conversation
+System = Annotated[str | None, typer.Option("--system", "-s", help="A system message.")]
+MaxNewTokens = Annotated[int | None, typer.Option(
+    "--max-new-tokens", "-n", min=1, show_default=False,
+    help=f"Most tokens per reply (default {MAX_NEW_TOKENS['generate']}; chat {MAX_NEW_TOKENS['chat']}).")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="End a reply at this text (repeatable; not printed).")]
+IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past stop tokens (tests, benchmarks).")]
+Context = Annotated[int | None, typer.Option(
+    "--context", min=16, show_default=False,
+    help="Context length in tokens (default: the model's; info: 4096, for the KV-cache estimate).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+# ---------------------------------------------------------------------------------- sampling
+Temperature = Annotated[float | None, typer.Option(
+    "--temperature", "-t", min=0.0, show_default=False, rich_help_panel=_SAMPLING,
+    help=f"0 = greedy (default {_DEFAULTS.temperature}).")]
+TopK = Annotated[int | None, typer.Option(
+    "--top-k", min=0, show_default=False, rich_help_panel=_SAMPLING,
+    help=f"Keep the k best tokens, 0 = off (default {_DEFAULTS.top_k}).")]
+TopP = Annotated[float | None, typer.Option(
+    "--top-p", min=0.0, max=1.0, show_default=False, rich_help_panel=_SAMPLING,
+    help=f"Nucleus sampling, 1 = off (default {_DEFAULTS.top_p}).")]
+MinP = Annotated[float | None, typer.Option(
+    "--min-p", min=0.0, max=1.0, show_default=False, rich_help_panel=_SAMPLING,
+    help=f"Drop tokens below min_p x the best, 0 = off (default {_DEFAULTS.min_p}).")]
+RepetitionPenalty = Annotated[float | None, typer.Option(
+    "--repetition-penalty", show_default=False, rich_help_panel=_SAMPLING,
+    help=f"> 1 discourages repeats, 1 = off (default {_DEFAULTS.repetition_penalty}).")]
+Seed = Annotated[int | None, typer.Option("--seed", min=0, rich_help_panel=_SAMPLING,
+                                          help="Make sampling reproducible (default: random).")]
+
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def sampling(given: dict, fallback: dict | None = None) -> SamplingParams:
+    """SamplingParams from the options given (None: not given), else ``fallback`` (a saved
+    conversation's), else SamplingParams' defaults."""
+    fallback = fallback or {}
+    values = {}
+    for name in SAMPLING_NAMES:
+        if given.get(name) is not None:
+            values[name] = given[name]
+        elif name in fallback:
+            values[name] = fallback[name]
+        else:
+            values[name] = getattr(_DEFAULTS, name)
+    return SamplingParams(**values)
+
+
+@dataclass
+class LoadOptions:
+    """Where the model comes from and how it is loaded: what ``runtime.load`` takes."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    offline: bool | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    quantize: str = "none"
+    quantize_attention: bool = False
+    offload: str = "none"
+    gpu_memory: str | None = None
