@@ -68,7 +68,7 @@ def generate(
     seed: options.Seed = None,
     stop: options.Stop = None,
     ignore_eos: options.IgnoreEos = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the text.")] = False,
+    json_out: options.Json = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Write timings to stderr.")] = False,
     revision: options.Revision = None,
     offline: options.Offline = False,

@@ -53,7 +53,7 @@ IgnoreEos = Annotated[bool, typer.Option("--ignore-eos", help="Keep going past s
 Context = Annotated[int | None, typer.Option(
     "--context", min=16, show_default=False,
     help="Context length in tokens (default: the model's; info: 4096, for the KV-cache estimate).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object (instead of the text).")]
 
 # ---------------------------------------------------------------------------------- sampling
 Temperature = Annotated[float | None, typer.Option(
