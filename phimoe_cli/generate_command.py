@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from phimoe_cli.generation import Generator, SamplingParams
+from phimoe_cli.engine import LocalEngine, Request
 from phimoe_cli.model.offload import offload_stats
 from phimoe_cli.options import LoadOptions
+from phimoe_cli.params import SamplingParams
 from phimoe_cli.runtime import load as load_model
 from phimoe_cli.runtime import read_prompt
 
@@ -17,24 +18,23 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
     text = read_prompt(prompt)
     params.validate()
     loaded = load_model(load)
-    tok = loaded.tokenizer
-    if raw:
-        prompt_ids = tok.encode(text)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        prompt_ids = tok.apply_chat(messages, add_generation_prompt=True)
-    gen = Generator(loaded.model, tok)
+    engine = LocalEngine(loaded)
+    messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}]
+    request = Request(messages=messages, text=text if raw else None, params=params, max_new_tokens=max_new_tokens,
+                      stop=stop, ignore_eos=ignore_eos)
+    stream = engine.generate(request)
     out = sys.stdout
-    for piece in gen.stream(prompt_ids, params, max_new_tokens, stop=stop, ignore_eos=ignore_eos):
+    for piece in stream:
         if not json_out:
             out.write(piece)
             out.flush()
-    res = gen.result
+    res = stream.completion
     if json_out:
         out.write(json.dumps({
             "model": loaded.model_id,
             "text": res.text,
-            "prompt_token_ids": prompt_ids,
+            "prompt_token_ids": res.prompt_token_ids,
             "token_ids": res.token_ids,
             "finish_reason": res.finish_reason if res.finish_reason != "interrupted" else "length",
             "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},

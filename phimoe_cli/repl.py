@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.text import Text
 
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
+from phimoe_cli.engine import LocalEngine, Request
 from phimoe_cli.errors import UsageError
-from phimoe_cli.generation import GenerationError, Generator, SamplingParams
+from phimoe_cli.generation import GenerationError, SamplingParams
 from phimoe_cli.options import LoadOptions, sampling
 from phimoe_cli.params import MAX_NEW_TOKENS
 from phimoe_cli.runtime import load as load_model
@@ -301,8 +302,7 @@ class ChatSession:
         self.on_overflow = on_overflow
         self.console = console or Console(highlight=False, soft_wrap=False)
         self.plain = plain or not self.console.is_terminal
-        self.gen = Generator(loaded.model, self.tok, context_length=context)
-        self.cache = self.gen.new_cache()
+        self.engine = LocalEngine(loaded, context_length=context)
         self.conv = Conversation(self.tok, system)
         self.stats = SessionStats()
         self.history_path = history_path
@@ -325,7 +325,7 @@ class ChatSession:
 
     @property
     def context_length(self) -> int:
-        return self.gen.context_length
+        return self.engine.context_length
 
     def context_used(self) -> int:
         if self.conv.known_count == len(self.conv.messages) and self.conv.known:
@@ -373,10 +373,9 @@ class ChatSession:
                 self.conv.truncate(n_before)
             raise
         stream = PlainStream(out or sys.stdout) if (self.plain or out is not None) else MarkdownStream(self.console)
-        long_before = self.cache.long_rope and self.cache.length > 0
         s = self.settings
-        pieces = self.gen.stream(prompt, s.params, s.max_new_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
-                                 cache=self.cache)
+        pieces = self.engine.generate(Request(token_ids=prompt, params=s.params, max_new_tokens=s.max_new_tokens,
+                                              stop=self.stop, ignore_eos=self.ignore_eos))
         interrupted = False
         shown: list[str] = []
         try:
@@ -395,7 +394,7 @@ class ChatSession:
         try:
             if interrupted:
                 pieces.close()
-            res = self.gen.result
+            res = pieces.completion
             interrupted = interrupted or res.finish_reason == "interrupted"
             reply_text = "".join(shown)
             with contextlib.suppress(KeyboardInterrupt):
@@ -406,8 +405,7 @@ class ChatSession:
                 completion_tokens=len(res.token_ids), finish_reason="interrupted" if interrupted else res.finish_reason,
                 time_to_first_token_s=res.time_to_first_token_s, prefill_tokens_per_s=res.prefill_tokens_per_s,
                 decode_tokens_per_s=res.decode_tokens_per_s,
-                recomputed=bool(not long_before and self.cache.long_rope
-                                and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
+                recomputed=res.recomputed,
             )
             st = self.stats
             st.turns += 1
@@ -603,7 +601,7 @@ class ChatSession:
             ("dtype / device", f"{ld.dtype} / {ld.device}"),
             ("quantization", _quantization(ld) or "none"),
             ("context", f"{self.context_used()} / {self.context_length} tokens "
-                        f"(KV cache {self.cache.nbytes() / 2**20:.1f} MiB allocated)"),
+                        f"(KV cache {self.engine.cache_bytes() / 2**20:.1f} MiB allocated)"),
             ("on overflow", self.on_overflow),
             ("system prompt", self.conv.system or "none"),
             ("settings", "  ".join(f"{k}={self._setting(k)}" for k in SETTING_NAMES)),

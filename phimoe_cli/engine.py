@@ -1,0 +1,160 @@
+"""The engine the front ends share: a loaded model and tokenizer, and a prefix cache.
+
+A front end (``phimoe generate``, the chat REPL, later a server) builds a ``Request`` (chat
+messages, raw text or token ids, with sampling settings and stops), calls ``engine.generate`` and
+iterates the ``Stream`` for text pieces; afterwards ``stream.completion`` says what happened:
+text, ids, finish reason, usage (prompt, cached and generated tokens) and timings.
+
+The engine keeps one KV cache. Each request reuses it for the longest common prefix of its prompt
+with what the cache holds and prefills only the rest: a chat that resends its conversation every
+turn, or a server client that does, pays only for the new tokens. Ctrl+C (KeyboardInterrupt) while
+generating, or ``stream.close()``, ends the reply cleanly with finish reason "interrupted".
+
+Everything a front end needs goes through this interface, so that another engine (one that talks
+to a remote OpenAI-compatible server) can stand in for it; token ids are then optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from phimoe_cli.generation import Generator
+from phimoe_cli.params import MAX_NEW_TOKENS, SamplingParams
+
+
+@dataclass
+class Request:
+    """One reply to generate. Exactly one of ``messages`` (formatted with the chat template),
+    ``text`` (encoded as it is) or ``token_ids`` (used as they are) is the prompt."""
+
+    messages: list[dict] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = MAX_NEW_TOKENS["generate"]
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class Completion:
+    """How a reply ended, and what it cost."""
+
+    text: str
+    token_ids: list[int] | None  # generated, without the stop id (None: the engine cannot tell)
+    prompt_token_ids: list[int] | None
+    finish_reason: str  # "stop" | "length" | "interrupted"
+    prompt_tokens: int
+    cached_tokens: int  # of the prompt, reused from the cache rather than computed
+    completion_tokens: int
+    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    recomputed: bool = False  # the whole context was computed again once (the LongRoPE boundary)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Stream:
+    """The text pieces of one reply as they come; ``completion`` once they are all out (or the
+    stream was closed)."""
+
+    def __init__(self, pieces: Iterator[str], finish):
+        self._pieces, self._finish = pieces, finish
+        self.text: list[str] = []  # the pieces so far
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self.text.append(piece)
+            yield piece
+        self._done()
+
+    def close(self) -> None:
+        """Stop generating (the reply so far is the completion, finish reason "interrupted")."""
+        self._pieces.close()
+        self._done(interrupted=True)
+
+    def _done(self, interrupted: bool = False) -> None:
+        if self.completion is None:
+            self.completion = self._finish(interrupted)
+
+
+class LocalEngine:
+    """The model of this process. ``context_length``: at most this many tokens of prompt and
+    reply (default: the model's)."""
+
+    def __init__(self, loaded, context_length: int | None = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.generator = Generator(loaded.model, self.tokenizer, context_length=context_length)
+        self.cache = self.generator.new_cache()
+
+    @property
+    def name(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def context_length(self) -> int:
+        return self.generator.context_length
+
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes()
+
+    def log_probs(self, ids: list[int], chunk: int = 1024):
+        """Teacher-forced [positions, vocab] float32 log-probabilities of every next token of
+        ``ids``, in passes of at most ``chunk`` positions (each pass on its own, no cache)."""
+        import torch
+
+        model = self.loaded.model
+        chunk = min(chunk, model.config.max_position_embeddings - 1)
+        out = []
+        for start in range(0, len(ids) - 1, chunk):
+            x = torch.tensor([ids[start : start + chunk + 1]], device=model.lm_head.weight.device)
+            with torch.inference_mode():
+                logits = model(x[:, :-1])[0].float()
+            out.append(torch.log_softmax(logits, dim=-1).cpu())
+        return torch.cat(out)
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        if request.messages is not None:
+            return self.tokenizer.apply_chat(request.messages, add_generation_prompt=True)
+        if request.text is not None:
+            return self.tokenizer.encode(request.text)
+        return list(request.token_ids or [])
+
+    def generate(self, request: Request) -> Stream:
+        """Start a reply (the prompt is checked first: GenerationError for one that does not fit)."""
+        ids = self.prompt_ids(request)
+        long_before = self.cache.long_rope and self.cache.length > 0
+        gen = self.generator
+        pieces = gen.stream(ids, request.params, request.max_new_tokens, stop=request.stop,
+                            ignore_eos=request.ignore_eos, cache=self.cache)
+
+        def finish(interrupted: bool) -> Completion:
+            res = gen.result
+            return Completion(
+                text=res.text if not interrupted else "".join(stream.text), token_ids=list(res.token_ids),
+                prompt_token_ids=ids,
+                finish_reason="interrupted" if interrupted else res.finish_reason,
+                prompt_tokens=len(ids), cached_tokens=len(ids) - res.prefill_tokens,
+                completion_tokens=len(res.token_ids), time_to_first_token_s=res.time_to_first_token_s,
+                prefill_s=res.prefill_s, decode_s=res.decode_s, decode_steps=res.decode_steps,
+                recomputed=bool(not long_before and self.cache.long_rope
+                                and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
+            )
+
+        stream = Stream(pieces, finish)
+        return stream
