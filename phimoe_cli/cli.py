@@ -193,7 +193,7 @@ def chat(
     gpu_memory: options.GpuMemory = None,
 ) -> None:
     """Chat in the terminal (/help inside). With stdin piped: answer it as one message and exit."""
-    from phimoe_cli.repl import run_chat
+    from phimoe_cli.chat import run_chat
 
     given = locals()
     sampling = {name: given[name] for name in options.SAMPLING_NAMES}

@@ -9,7 +9,7 @@ from SamplingParams (params.py), the one place defaults live. Light: no torch he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Annotated
 
 import typer
@@ -74,7 +74,7 @@ RepetitionPenalty = Annotated[float | None, typer.Option(
 Seed = Annotated[int | None, typer.Option("--seed", min=0, rich_help_panel=_SAMPLING,
                                           help="Make sampling reproducible (default: random).")]
 
-SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_NAMES = tuple(f.name for f in fields(SamplingParams))
 
 
 def sampling(given: dict, fallback: dict | None = None) -> SamplingParams:

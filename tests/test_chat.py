@@ -18,7 +18,7 @@ pexpect = pytest.importorskip("pexpect")
 from conftest import PHIMOE, default_sigint, run_phimoe  # noqa: E402
 
 from phimoe_cli import transcript as tr  # noqa: E402
-from phimoe_cli.repl import (  # noqa: E402
+from phimoe_cli.chat.conversation import (  # noqa: E402
     ContextOverflow,
     Conversation,
     closing_ids,
@@ -517,8 +517,9 @@ def test_conversation_ids_follow_the_generated_reply(model_dir):
 def test_error_policy_keeps_the_conversation(model_dir):
     from rich.console import Console
 
+    from phimoe_cli.chat.conversation import Settings
+    from phimoe_cli.chat.session import ChatSession
     from phimoe_cli.generation import SamplingParams
-    from phimoe_cli.repl import ChatSession, Settings
     from phimoe_cli.runtime import load
 
     loaded = load(str(model_dir), progress=False)

@@ -1,0 +1,57 @@
+"""The chat's input line: prompt-toolkit with history, /command completion and Esc Enter for a
+new line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from phimoe_cli.chat.commands import ALIASES, COMMANDS, PROMPT, SETTING_NAMES
+
+CONTINUATION = "... "
+
+
+def make_prompt_session(history_path: Path | None):
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completer, Completion, PathCompleter
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    class SlashCompleter(Completer):
+        paths = PathCompleter(expanduser=True)
+
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            if not text.startswith("/") or "\n" in text:
+                return
+            if " " not in text:
+                for name in [*COMMANDS, *ALIASES]:
+                    if name.startswith(text.lower()):
+                        yield Completion(name, start_position=-len(text), display_meta=COMMANDS.get(name, ""))
+                return
+            command, _, rest = text.partition(" ")
+            if command == "/set" and " " not in rest:
+                for name in SETTING_NAMES:
+                    if name.startswith(rest.lower()):
+                        yield Completion(name, start_position=-len(rest))
+            elif command in ("/load", "/save"):
+                yield from self.paths.get_completions(Document(rest), complete_event)
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    output = None
+    if not sys.stdout.isatty() and sys.stderr.isatty():
+        from prompt_toolkit.output import create_output
+
+        output = create_output(stdout=sys.stderr)
+    history = FileHistory(str(history_path)) if history_path else InMemoryHistory()
+    return PromptSession(
+        PROMPT, history=history, completer=SlashCompleter(), complete_while_typing=False,
+        key_bindings=bindings, multiline=False, prompt_continuation=CONTINUATION,
+        enable_history_search=False, output=output,
+    )

@@ -1,0 +1,83 @@
+"""`phimoe chat`: load the model, resume or start a conversation, then the loop (or, with stdin
+piped, one reply)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from phimoe_cli.chat.conversation import OVERFLOW_POLICIES, ContextOverflow, latest_autosave, resolve_settings
+from phimoe_cli.chat.input import make_prompt_session
+from phimoe_cli.chat.session import ChatSession
+from phimoe_cli.errors import UsageError
+from phimoe_cli.options import LoadOptions
+from phimoe_cli.params import GenerationError
+from phimoe_cli.runtime import load as load_model
+from phimoe_cli.runtime import read_prompt
+from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_file
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_tokens: int | None,
+             stop: list[str], ignore_eos: bool, context: int | None, plain: bool, no_history: bool,
+             resume: str | None, on_overflow: str) -> int:
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise UsageError(f"--on-overflow must be drop-oldest or error, got {on_overflow!r}")
+    transcript, resume_path = None, None
+    if resume:
+        resume_path = latest_autosave() if resume == "last" else Path(resume).expanduser()
+        try:
+            transcript = Transcript.load(resume_path)
+        except TranscriptError as exc:
+            raise UsageError(str(exc)) from None
+    settings = resolve_settings(dict(sampling, max_new_tokens=max_new_tokens), transcript)
+    try:
+        settings.params.validate()
+    except GenerationError as exc:
+        raise UsageError(str(exc)) from None
+
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    text = None if interactive else read_prompt(None)  # piped: one message, read before loading
+
+    history_path = None
+    if interactive and not no_history and not _env_flag("PHIMOE_NO_HISTORY"):
+        history_path = data_dir() / "history"
+        try:
+            private_file(history_path)
+        except OSError as exc:
+            sys.stderr.write(f"warning: no history ({history_path}: {exc.strerror or exc})\n")
+            history_path = None
+
+    console = Console(highlight=False, stderr=not interactive)
+    loaded = load_model(load)
+    max_ctx = loaded.model.config.max_position_embeddings
+    if context is not None and context > max_ctx:
+        raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")
+
+    session = ChatSession(
+        loaded, settings, system=system if transcript is None else None, stop=stop, ignore_eos=ignore_eos,
+        context=context, plain=plain or not interactive, on_overflow=on_overflow, console=console,
+        history_path=history_path,
+    )
+    if transcript is not None:
+        session.load_transcript(transcript, resume_path, show=interactive, settings=False)
+        if system:
+            session.conv.set_system(system)
+
+    if not interactive:
+        session.autosave_enabled = False  # a one-shot answer, like `phimoe generate`
+        try:
+            turn = session.reply(text, out=sys.stdout, show_stats=False)
+        except ContextOverflow as exc:
+            raise UsageError(str(exc)) from None
+        if turn.finish_reason == "interrupted":
+            sys.stderr.write("interrupted\n")
+            return 130
+        return 0
+    return session.repl(make_prompt_session(history_path))

@@ -1,0 +1,292 @@
+"""One chat session: the model's engine, the conversation, the settings; a turn (stream the reply,
+record it, autosave), persistence, and the read-reply loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+
+from phimoe_cli.chat.commands import PROMPT, _quantization, run_command
+from phimoe_cli.chat.conversation import ContextOverflow, Conversation, SessionStats, Settings, TurnStats
+from phimoe_cli.chat_render import MarkdownStream, PlainStream
+from phimoe_cli.engine import LocalEngine, Request
+from phimoe_cli.params import GenerationError, SamplingParams
+from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_dir
+
+
+class ChatSession:
+    def __init__(self, loaded, settings: Settings, *, system: str | None, stop: list[str], ignore_eos: bool,
+                 context: int | None, plain: bool, on_overflow: str, console: Console | None = None,
+                 history_path: Path | None = None):
+        self.loaded = loaded
+        self.tok = loaded.tokenizer
+        self.settings = settings
+        self.stop = stop
+        self.ignore_eos = ignore_eos
+        self.on_overflow = on_overflow
+        self.console = console or Console(highlight=False, soft_wrap=False)
+        self.plain = plain or not self.console.is_terminal
+        self.engine = LocalEngine(loaded, context_length=context)
+        self.conv = Conversation(self.tok, system)
+        self.stats = SessionStats()
+        self.history_path = history_path
+        self.autosave_path: Path | None = None
+        self.autosave_error: str | None = None
+        self.autosave_enabled = True
+        self.created = None
+
+    # -- output helpers --------------------------------------------------------------------------
+
+    def out(self, renderable, **kwargs) -> None:
+        """One line of session output; the terminal wraps it (paths stay copyable)."""
+        self.console.print(renderable, soft_wrap=True, **kwargs)
+
+    def note(self, text: str, style: str = "dim") -> None:
+        self.out(Text(text, style=style))
+
+    def hint(self, text: str) -> None:
+        self.out(Text(text, style="yellow"))
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def context_used(self) -> int:
+        if self.conv.known_count == len(self.conv.messages) and self.conv.known:
+            return len(self.conv.known)
+        if not self.conv.messages:
+            return 0
+        return len(self.conv.prompt_ids())
+
+    # -- a turn ----------------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """Tokens kept free for the reply when fitting the conversation into the context."""
+        return max(1, min(self.settings.max_new_tokens, self.context_length // 4))
+
+    def fit(self) -> list[int]:
+        """The prompt for the next reply, applying the overflow policy; raises ContextOverflow."""
+        budget = self.context_length - self.room()
+        prompt = self.conv.prompt_ids()
+        if len(prompt) <= budget:
+            return prompt
+        if self.on_overflow == "error":
+            raise ContextOverflow(
+                f"the conversation needs {len(prompt)} tokens plus {self.room()} for the reply; the context "
+                f"holds {self.context_length}: /undo or /clear, or start with --on-overflow drop-oldest"
+            )
+        dropped = self.conv.drop_to_fit(budget)
+        turns = sum(1 for m in dropped if m["role"] == "user")
+        prompt = self.conv.prompt_ids()
+        self.hint(
+            f"context full: dropped the {turns} oldest turn{'s' if turns != 1 else ''} "
+            f"({len(dropped)} messages) to fit {self.context_length} tokens; the system prompt stays"
+        )
+        return prompt
+
+    def reply(self, text: str | None, out=None, show_stats: bool = True) -> TurnStats | None:
+        """Add the user message ``text`` (None: answer the conversation as it is) and stream a
+        reply. Returns the turn's stats, or None when the message did not fit."""
+        n_before = len(self.conv.messages)
+        if text is not None:
+            self.conv.add_user(text)
+        try:
+            prompt = self.fit()
+        except ContextOverflow:
+            if text is not None:
+                self.conv.truncate(n_before)
+            raise
+        stream = PlainStream(out or sys.stdout) if (self.plain or out is not None) else MarkdownStream(self.console)
+        s = self.settings
+        pieces = self.engine.generate(Request(token_ids=prompt, params=s.params, max_new_tokens=s.max_new_tokens,
+                                              stop=self.stop, ignore_eos=self.ignore_eos))
+        interrupted = False
+        shown: list[str] = []
+        try:
+            for piece in pieces:
+                shown.append(piece)
+                stream.feed(piece)
+        except KeyboardInterrupt:  # Ctrl+C while we were drawing, not generating
+            interrupted = True
+        except GenerationError:  # refused before the first token: the message is not kept
+            stream.finish()
+            if text is not None:
+                self.conv.truncate(n_before)
+            raise
+        # From here on the turn is recorded whatever happens: a second Ctrl+C waits.
+        old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            if interrupted:
+                pieces.close()
+            res = pieces.completion
+            interrupted = interrupted or res.finish_reason == "interrupted"
+            reply_text = "".join(shown)
+            with contextlib.suppress(KeyboardInterrupt):
+                stream.finish()
+            self.conv.add_reply(reply_text, prompt, res.token_ids, interrupted)
+            turn = TurnStats(
+                prompt_tokens=len(prompt), prefill_tokens=res.prefill_tokens,
+                completion_tokens=len(res.token_ids), finish_reason="interrupted" if interrupted else res.finish_reason,
+                time_to_first_token_s=res.time_to_first_token_s, prefill_tokens_per_s=res.prefill_tokens_per_s,
+                decode_tokens_per_s=res.decode_tokens_per_s,
+                recomputed=res.recomputed,
+            )
+            st = self.stats
+            st.turns += 1
+            st.prompt_tokens += turn.prompt_tokens
+            st.prefill_tokens += turn.prefill_tokens
+            st.completion_tokens += turn.completion_tokens
+            st.prefill_s += res.prefill_s
+            st.decode_s += res.decode_s
+            st.last = turn
+            st.history.append(turn)
+            if show_stats:
+                if interrupted:
+                    self.note("[interrupted: the partial reply is kept; /retry for a new one]", "yellow")
+                self.note(self.stats_line(turn))
+            self.autosave()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        return turn
+
+    def stats_line(self, t: TurnStats) -> str:
+        used = self.context_used()
+        parts = [
+            f"{t.completion_tokens} tokens",
+            f"{t.decode_tokens_per_s:.1f} tok/s",
+            f"first token {t.time_to_first_token_s:.2f} s",
+            f"context {used}/{self.context_length}",
+        ]
+        if t.finish_reason == "length":
+            parts.append("context full" if used >= self.context_length else "max_new_tokens reached")
+        return " · ".join(parts)
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def transcript(self) -> Transcript:
+        t = Transcript(
+            messages=self.conv.messages, sampling=self.settings.params.to_dict(),
+            max_new_tokens=self.settings.max_new_tokens, dropped=self.conv.dropped,
+            model={
+                "id": self.loaded.model_id, "revision": self.loaded.revision, "path": str(self.loaded.path),
+                "dtype": self.loaded.dtype, "device": self.loaded.device,
+                "quantization": _quantization(self.loaded),
+            },
+        )
+        if self.created:
+            t.created = self.created
+        else:
+            self.created = t.created
+        return t
+
+    def new_autosave(self) -> None:
+        """The next autosave goes to a new file (the conversation before stays saved)."""
+        self.autosave_path = None
+        self.created = None
+
+    def autosave(self) -> None:
+        if not self.autosave_enabled:
+            return
+        try:
+            if self.autosave_path is None:
+                folder = private_dir(data_dir() / "chats")
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                self.autosave_path = folder / f"{stamp}-{os.getpid()}.json"
+                n = 1
+                while self.autosave_path.exists():
+                    n += 1
+                    self.autosave_path = folder / f"{stamp}-{os.getpid()}-{n}.json"
+            self.transcript().save(self.autosave_path)
+            self.autosave_error = None
+        except (OSError, TranscriptError) as exc:
+            if self.autosave_error is None:  # say it once, not after every turn
+                self.hint(f"autosave failed: {' '.join(str(exc).split())}")
+            self.autosave_error = str(exc)
+
+    def load_transcript(self, t: Transcript, source: Path, show: bool = True, settings: bool = True) -> None:
+        """Continue ``t``; with ``settings``, its sampling settings too (--resume has merged them
+        with the command line's already)."""
+        self.conv.replace(t.messages, t.dropped)
+        self.created = None
+        self.new_autosave()
+        if settings:
+            params = dict(self.settings.params.to_dict())
+            params.update({k: v for k, v in t.sampling.items()})
+            try:
+                self.settings = Settings(SamplingParams(**params).validate(),
+                                         t.max_new_tokens or self.settings.max_new_tokens)
+            except (GenerationError, TypeError) as exc:
+                self.hint(f"kept the current sampling settings: {exc}")
+        saved_model = t.model.get("id")
+        if saved_model and saved_model != self.loaded.model_id and str(Path(saved_model)) != str(self.loaded.path):
+            self.note(f"this conversation was with {saved_model}; it continues with {self.loaded.model_id}")
+        if show:
+            self.replay()
+        self.note(f"loaded {source}: {self.conv.turns} turns, {len(self.conv.messages)} messages")
+
+    def replay(self) -> None:
+        for m in self.conv.messages:
+            if m["role"] == "system":
+                self.note(f"system: {m['content']}")
+            elif m["role"] == "user":
+                self.out(Text(PROMPT, style="bold") + Text(m["content"]))
+            else:
+                stream = PlainStream(self.console.file) if self.plain else MarkdownStream(self.console, live=False)
+                stream.feed(m["content"])
+                stream.finish()
+                if m.get("interrupted"):
+                    self.note("[interrupted]", "yellow")
+
+    def _reply_or_hint(self, text: str | None) -> None:
+        try:
+            self.reply(text)
+        except ContextOverflow as exc:
+            self.hint(str(exc))
+        except GenerationError as exc:
+            self.hint(" ".join(str(exc).split()))
+        except (RuntimeError, ValueError) as exc:  # never lose the session (and the loaded model)
+            self.hint(f"the reply failed: {' '.join(str(exc).split()) or type(exc).__name__}")
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def repl(self, prompt_session) -> int:
+        ld = self.loaded
+        self.note(
+            f"phimoe chat · {ld.model_id} · {ld.dtype} · {ld.device} · context {self.context_length} · "
+            f"/help for help, Ctrl+D quits"
+        )
+        while True:
+            try:
+                line = prompt_session.prompt()
+            except KeyboardInterrupt:
+                self.note("(the line was cleared; /exit or Ctrl+D quits)")
+                continue
+            except EOFError:
+                break
+            if not line.strip():
+                continue
+            stripped = line.strip()
+            if stripped.startswith("/") and not stripped.startswith("//"):
+                if not run_command(self, stripped):
+                    break
+                continue
+            if stripped.startswith("//"):
+                line = line.lstrip()[1:]
+            self._reply_or_hint(line)
+        if self.autosave_path is not None and self.autosave_error is None:
+            self.note(f"conversation saved: phimoe chat --resume {self.autosave_path}")
+        return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
