@@ -49,22 +49,15 @@ class Completion:
     cached_tokens: int  # of the prompt, reused from the cache rather than computed
     completion_tokens: int
     time_to_first_token_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
     recomputed: bool = False  # the whole context was computed again once (the LongRoPE boundary)
 
     @property
     def prefill_tokens(self) -> int:
         return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class Stream:
@@ -151,7 +144,8 @@ class LocalEngine:
                 finish_reason="interrupted" if interrupted else res.finish_reason,
                 prompt_tokens=len(ids), cached_tokens=len(ids) - res.prefill_tokens,
                 completion_tokens=len(res.token_ids), time_to_first_token_s=res.time_to_first_token_s,
-                prefill_s=res.prefill_s, decode_s=res.decode_s, decode_steps=res.decode_steps,
+                prefill_tokens_per_s=res.prefill_tokens_per_s, decode_tokens_per_s=res.decode_tokens_per_s,
+                prefill_s=res.prefill_s, decode_s=res.decode_s,
                 recomputed=bool(not long_before and self.cache.long_rope
                                 and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
             )
