@@ -526,7 +526,7 @@ def test_error_policy_keeps_the_conversation(model_dir):
     out = io.StringIO()
     session = ChatSession(loaded, Settings(SamplingParams(temperature=0), 8), system=None, stop=[], ignore_eos=True,
                           context=40, plain=True, on_overflow="error", console=Console(file=out, width=200))
-    session.autosave_enabled = False
+    session.saver.enabled = False
     turn = session.reply("one", out=io.StringIO())
     assert turn.completion_tokens == 8 and len(session.conv.messages) == 2
     with pytest.raises(ContextOverflow, match="holds 40: /undo or /clear"):

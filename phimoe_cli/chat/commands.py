@@ -146,7 +146,7 @@ def cmd_show(s, arg: str) -> None:
         ("conversation", f"{s.conv.turns} turns, {len(s.conv.messages)} messages"
                          + (f" ({len(s.conv.dropped)} dropped to fit)" if s.conv.dropped else "")),
         ("history", str(s.history_path) if s.history_path else "off"),
-        ("autosave", str(s.autosave_path) if s.autosave_path
+        ("autosave", str(s.saver.path) if s.saver.path
          else f"{data_dir() / 'chats'} (after the first reply)"),
     ]
     for k, v in rows:

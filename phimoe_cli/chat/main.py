@@ -71,7 +71,7 @@ def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_t
             session.conv.set_system(system)
 
     if not interactive:
-        session.autosave_enabled = False  # a one-shot answer, like `phimoe generate`
+        session.saver.enabled = False  # a one-shot answer, like `phimoe generate`
         try:
             turn = session.reply(text, out=sys.stdout, show_stats=False)
         except ContextOverflow as exc:

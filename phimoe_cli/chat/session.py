@@ -21,6 +21,35 @@ from phimoe_cli.params import GenerationError, SamplingParams
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_dir
 
 
+class Autosave:
+    """The conversation saved after every reply, to a new file per conversation in the data
+    folder's chats/ (``phimoe chat --resume last`` finds the newest)."""
+
+    def __init__(self):
+        self.enabled = True
+        self.path: Path | None = None  # None: the next save picks a new file
+        self.error: str | None = None
+
+    def save(self, transcript: Transcript, hint) -> None:
+        if not self.enabled:
+            return
+        try:
+            if self.path is None:
+                folder = private_dir(data_dir() / "chats")
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                self.path = folder / f"{stamp}-{os.getpid()}.json"
+                n = 1
+                while self.path.exists():
+                    n += 1
+                    self.path = folder / f"{stamp}-{os.getpid()}-{n}.json"
+            transcript.save(self.path)
+            self.error = None
+        except (OSError, TranscriptError) as exc:
+            if self.error is None:  # say it once, not after every turn
+                hint(f"autosave failed: {' '.join(str(exc).split())}")
+            self.error = str(exc)
+
+
 class ChatSession:
     def __init__(self, loaded, settings: Settings, *, system: str | None, stop: list[str], ignore_eos: bool,
                  context: int | None, plain: bool, on_overflow: str, console: Console | None = None,
@@ -37,9 +66,7 @@ class ChatSession:
         self.conv = Conversation(self.tok, system)
         self.stats = SessionStats()
         self.history_path = history_path
-        self.autosave_path: Path | None = None
-        self.autosave_error: str | None = None
-        self.autosave_enabled = True
+        self.saver = Autosave()
         self.created = None
 
     # -- output helpers --------------------------------------------------------------------------
@@ -189,27 +216,11 @@ class ChatSession:
 
     def new_autosave(self) -> None:
         """The next autosave goes to a new file (the conversation before stays saved)."""
-        self.autosave_path = None
+        self.saver.path = None
         self.created = None
 
     def autosave(self) -> None:
-        if not self.autosave_enabled:
-            return
-        try:
-            if self.autosave_path is None:
-                folder = private_dir(data_dir() / "chats")
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                self.autosave_path = folder / f"{stamp}-{os.getpid()}.json"
-                n = 1
-                while self.autosave_path.exists():
-                    n += 1
-                    self.autosave_path = folder / f"{stamp}-{os.getpid()}-{n}.json"
-            self.transcript().save(self.autosave_path)
-            self.autosave_error = None
-        except (OSError, TranscriptError) as exc:
-            if self.autosave_error is None:  # say it once, not after every turn
-                self.hint(f"autosave failed: {' '.join(str(exc).split())}")
-            self.autosave_error = str(exc)
+        self.saver.save(self.transcript(), self.hint)
 
     def load_transcript(self, t: Transcript, source: Path, show: bool = True, settings: bool = True) -> None:
         """Continue ``t``; with ``settings``, its sampling settings too (--resume has merged them
@@ -281,8 +292,8 @@ class ChatSession:
             if stripped.startswith("//"):
                 line = line.lstrip()[1:]
             self._reply_or_hint(line)
-        if self.autosave_path is not None and self.autosave_error is None:
-            self.note(f"conversation saved: phimoe chat --resume {self.autosave_path}")
+        if self.saver.path is not None and self.saver.error is None:
+            self.note(f"conversation saved: phimoe chat --resume {self.saver.path}")
         return 0
 
 
