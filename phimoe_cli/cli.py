@@ -53,6 +53,7 @@ def tokenize(
 
 
 @app.command()
+@options.with_sampling
 def generate(
     prompt: Annotated[str | None, typer.Argument(
         help="The prompt; '-' or omitted: read stdin. Both: PROMPT, a blank line, stdin.", show_default=False)] = None,
@@ -60,12 +61,6 @@ def generate(
     system: options.System = None,
     raw: Annotated[bool, typer.Option("--raw", help="Encode the prompt as is, without the chat format.")] = False,
     max_new_tokens: options.MaxNewTokens = None,
-    temperature: options.Temperature = None,
-    top_k: options.TopK = None,
-    top_p: options.TopP = None,
-    min_p: options.MinP = None,
-    repetition_penalty: options.RepetitionPenalty = None,
-    seed: options.Seed = None,
     stop: options.Stop = None,
     ignore_eos: options.IgnoreEos = False,
     json_out: options.Json = False,
@@ -78,12 +73,13 @@ def generate(
     quantize_attention: options.QuantizeAttention = False,
     offload: options.Offload = "none",
     gpu_memory: options.GpuMemory = None,
+    sampling: dict | None = None,
 ) -> None:
     """Generate a reply to PROMPT (or stdin) and print it: stdout carries only the text."""
     from phimoe_cli.generate_command import run_generate
 
     raise typer.Exit(run_generate(
-        prompt, load=_load_options(locals()), system=system, raw=raw, params=options.sampling(locals()),
+        prompt, load=_load_options(locals()), system=system, raw=raw, params=options.sampling(sampling or {}),
         max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["generate"], stop=stop or [], ignore_eos=ignore_eos,
         json_out=json_out, verbose=verbose,
     ))
@@ -164,18 +160,13 @@ def evaluate(
 
 
 @app.command()
+@options.with_sampling
 def chat(
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
     resume: Annotated[str | None, typer.Option(
         "--resume", "-r", help="Continue a saved conversation (a JSON file, or 'last').")] = None,
     max_new_tokens: options.MaxNewTokens = None,
-    temperature: options.Temperature = None,
-    top_k: options.TopK = None,
-    top_p: options.TopP = None,
-    min_p: options.MinP = None,
-    repetition_penalty: options.RepetitionPenalty = None,
-    seed: options.Seed = None,
     stop: options.Stop = None,
     ignore_eos: options.IgnoreEos = False,
     context: options.Context = None,
@@ -191,14 +182,13 @@ def chat(
     quantize_attention: options.QuantizeAttention = False,
     offload: options.Offload = "none",
     gpu_memory: options.GpuMemory = None,
+    sampling: dict | None = None,
 ) -> None:
     """Chat in the terminal (/help inside). With stdin piped: answer it as one message and exit."""
     from phimoe_cli.chat import run_chat
 
-    given = locals()
-    sampling = {name: given[name] for name in options.SAMPLING_NAMES}
     raise typer.Exit(run_chat(
-        load=_load_options(given), system=system, sampling=sampling, max_new_tokens=max_new_tokens,
+        load=_load_options(locals()), system=system, sampling=sampling or {}, max_new_tokens=max_new_tokens,
         stop=stop or [], ignore_eos=ignore_eos, context=context, plain=plain, no_history=no_history, resume=resume,
         on_overflow=on_overflow,
     ))

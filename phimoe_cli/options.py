@@ -9,6 +9,8 @@ from SamplingParams (params.py), the one place defaults live. Light: no torch he
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, fields
 from typing import Annotated
 
@@ -75,6 +77,25 @@ Seed = Annotated[int | None, typer.Option("--seed", min=0, rich_help_panel=_SAMP
                                           help="Make sampling reproducible (default: random).")]
 
 SAMPLING_NAMES = tuple(f.name for f in fields(SamplingParams))
+SAMPLING_OPTIONS = dict(zip(SAMPLING_NAMES, (Temperature, TopK, TopP, MinP, RepetitionPenalty, Seed), strict=True))
+
+
+def with_sampling(command):
+    """Give a typer command the sampling options (one per SamplingParams field, declared above):
+    they are added to its signature, and reach it as one dict, ``sampling``."""
+    signature = inspect.signature(command, eval_str=True)  # the annotations themselves, not their text
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=alias)
+             for name, alias in SAMPLING_OPTIONS.items()]
+    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p
+            for p in signature.parameters.values() if p.name != "sampling"]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        sampling = {name: kwargs.pop(name) for name in SAMPLING_OPTIONS}
+        return command(**kwargs, sampling=sampling)
+
+    run.__signature__ = signature.replace(parameters=[*kept, *added], return_annotation=signature.return_annotation)
+    return run
 
 
 def sampling(given: dict, fallback: dict | None = None) -> SamplingParams:
