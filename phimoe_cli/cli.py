@@ -54,6 +54,7 @@ def tokenize(
 
 @app.command()
 @options.with_sampling
+@options.with_loading
 def generate(
     prompt: Annotated[str | None, typer.Argument(
         help="The prompt; '-' or omitted: read stdin. Both: PROMPT, a blank line, stdin.", show_default=False)] = None,
@@ -65,32 +66,17 @@ def generate(
     ignore_eos: options.IgnoreEos = False,
     json_out: options.Json = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Write timings to stderr.")] = False,
-    revision: options.Revision = None,
-    offline: options.Offline = False,
-    dtype: options.Dtype = "auto",
-    device: options.Device = "cpu",
-    quantize: options.Quantize = None,
-    quantize_attention: options.QuantizeAttention = False,
-    offload: options.Offload = "none",
-    gpu_memory: options.GpuMemory = None,
+    load: options.LoadOptions | None = None,
     sampling: dict | None = None,
 ) -> None:
     """Generate a reply to PROMPT (or stdin) and print it: stdout carries only the text."""
     from phimoe_cli.generate_command import run_generate
 
     raise typer.Exit(run_generate(
-        prompt, load=_load_options(locals()), system=system, raw=raw, params=options.sampling(sampling or {}),
+        prompt, load=load, system=system, raw=raw, params=options.sampling(sampling or {}),
         max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["generate"], stop=stop or [], ignore_eos=ignore_eos,
         json_out=json_out, verbose=verbose,
     ))
-
-
-def _load_options(given: dict) -> options.LoadOptions:
-    """The load options among a command's parameters (``offline`` False means: as the environment says)."""
-    fields = {k: given[k] for k in options.LoadOptions.__dataclass_fields__ if k in given}
-    fields["offline"] = fields.get("offline") or None
-    fields["quantize"] = fields.get("quantize") or "none"
-    return options.LoadOptions(**fields)
 
 
 @app.command()
@@ -161,6 +147,7 @@ def evaluate(
 
 @app.command()
 @options.with_sampling
+@options.with_loading
 def chat(
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
@@ -174,21 +161,14 @@ def chat(
         "--on-overflow", help="When the context is full: drop-oldest (turns) or error.")] = "drop-oldest",
     plain: Annotated[bool, typer.Option("--plain", help="Print replies as raw text, not Markdown.")] = False,
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not read or write the input history.")] = False,
-    revision: options.Revision = None,
-    offline: options.Offline = False,
-    dtype: options.Dtype = "auto",
-    device: options.Device = "cpu",
-    quantize: options.Quantize = None,
-    quantize_attention: options.QuantizeAttention = False,
-    offload: options.Offload = "none",
-    gpu_memory: options.GpuMemory = None,
+    load: options.LoadOptions | None = None,
     sampling: dict | None = None,
 ) -> None:
     """Chat in the terminal (/help inside). With stdin piped: answer it as one message and exit."""
     from phimoe_cli.chat import run_chat
 
     raise typer.Exit(run_chat(
-        load=_load_options(locals()), system=system, sampling=sampling or {}, max_new_tokens=max_new_tokens,
+        load=load, system=system, sampling=sampling or {}, max_new_tokens=max_new_tokens,
         stop=stop or [], ignore_eos=ignore_eos, context=context, plain=plain, no_history=no_history, resume=resume,
         on_overflow=on_overflow,
     ))

@@ -5,9 +5,10 @@ messages, raw text or token ids, with sampling settings and stops), calls ``engi
 iterates the ``Stream`` for text pieces; afterwards ``stream.completion`` says what happened:
 text, ids, finish reason, usage (prompt, cached and generated tokens) and timings.
 
-The engine keeps one KV cache. Each request reuses it for the longest common prefix of its prompt
-with what the cache holds and prefills only the rest: a chat that resends its conversation every
-turn, or a server client that does, pays only for the new tokens. Ctrl+C (KeyboardInterrupt) while
+The engine keeps KV caches of the sequences it computed (``PrefixCache``: one, or as many as a byte
+budget holds). Each request reuses the one sharing the longest prefix with its prompt and prefills
+only the rest: a chat that resends its conversation every turn, or a server client that does, pays
+only for the new tokens. Ctrl+C (KeyboardInterrupt) while
 generating, or ``stream.close()``, ends the reply cleanly with finish reason "interrupted".
 
 Everything a front end needs goes through this interface, so that another engine (one that talks
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from phimoe_cli.generation import Generator
+from phimoe_cli.generation import Generator, TokenLogprob
 from phimoe_cli.params import MAX_NEW_TOKENS, SamplingParams
 
 
@@ -35,6 +36,7 @@ class Request:
     max_new_tokens: int = MAX_NEW_TOKENS["generate"]
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Completion:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     recomputed: bool = False  # the whole context was computed again once (the LongRoPE boundary)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
 
     @property
     def prefill_tokens(self) -> int:
@@ -64,9 +67,10 @@ class Stream:
     """The text pieces of one reply as they come; ``completion`` once they are all out (or the
     stream was closed)."""
 
-    def __init__(self, pieces: Iterator[str], finish):
+    def __init__(self, pieces: Iterator[str], finish, logprobs: list[TokenLogprob] | None = None):
         self._pieces, self._finish = pieces, finish
         self.text: list[str] = []  # the pieces so far
+        self.logprobs = logprobs  # grows as tokens come (None: not asked for)
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -85,15 +89,58 @@ class Stream:
             self.completion = self._finish(interrupted)
 
 
+class PrefixCache:
+    """The KV caches of recent sequences, least recently used first. Without a byte ``budget`` there
+    is one, rewound and reused by every request (a chat). With one, a request that goes on from a
+    cached prompt (the same conversation, resent with more turns) takes that cache over; one that
+    shares only part of it (another conversation with the same system prompt) gets a new cache
+    with a copy of the shared prefix, so that the other sequence stays for its own client. The
+    least recently used caches go when the budget is spent (the one in use always stays)."""
+
+    def __init__(self, new_cache, budget: int | None = None):
+        self._new_cache, self.budget = new_cache, budget
+        self.entries: list = []  # the caches
+        self._prompts: dict[int, int] = {}  # id(cache) -> length of the prompt last computed in it
+
+    def take(self, ids: list[int]):
+        """The cache to compute ``ids`` in, most recently used from now on."""
+        best, shared = None, -1
+        for cache in self.entries:
+            n = cache.shared_prefix(ids)
+            if n > shared:
+                best, shared = cache, n
+        if best is not None and (self.budget is None or shared >= self._prompts.get(id(best), 0) - 1):
+            chosen = best  # one cache only, or the prompt goes on from this one's: rewind/extend it
+            self.entries.remove(best)
+        else:
+            chosen = self._new_cache()
+            if shared > 0:
+                chosen.copy_prefix(best, shared)
+        self.entries.append(chosen)
+        self._prompts[id(chosen)] = len(ids)
+        self.trim()
+        return chosen
+
+    def trim(self) -> None:
+        """Drop the least recently used caches beyond the budget."""
+        while len(self.entries) > 1 and (self.budget is None or self.nbytes() > self.budget):
+            self._prompts.pop(id(self.entries.pop(0)), None)
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.entries)
+
+
 class LocalEngine:
     """The model of this process. ``context_length``: at most this many tokens of prompt and
-    reply (default: the model's)."""
+    reply (default: the model's); ``cache_budget``: bytes of KV cache kept for prefix reuse across
+    requests (None: one sequence, the last)."""
 
-    def __init__(self, loaded, context_length: int | None = None):
+    def __init__(self, loaded, context_length: int | None = None, cache_budget: int | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.generator = Generator(loaded.model, self.tokenizer, context_length=context_length)
-        self.cache = self.generator.new_cache()
+        self.caches = PrefixCache(self.generator.new_cache, cache_budget)
+        self.cache = self.caches.take([])  # the cache of the latest request
 
     @property
     def name(self) -> str:
@@ -104,7 +151,7 @@ class LocalEngine:
         return self.generator.context_length
 
     def cache_bytes(self) -> int:
-        return self.cache.nbytes()
+        return self.caches.nbytes()
 
     def log_probs(self, ids: list[int], chunk: int = 1024):
         """Teacher-forced [positions, vocab] float32 log-probabilities of every next token of
@@ -131,13 +178,16 @@ class LocalEngine:
     def generate(self, request: Request) -> Stream:
         """Start a reply (the prompt is checked first: GenerationError for one that does not fit)."""
         ids = self.prompt_ids(request)
-        long_before = self.cache.long_rope and self.cache.length > 0
         gen = self.generator
+        gen.check(ids, request.params, request.max_new_tokens)
+        cache = self.cache = self.caches.take(ids)  # (after the checks: a bad request keeps every cache)
+        long_before = cache.long_rope and cache.length > 0
         pieces = gen.stream(ids, request.params, request.max_new_tokens, stop=request.stop,
-                            ignore_eos=request.ignore_eos, cache=self.cache)
+                            ignore_eos=request.ignore_eos, cache=cache, logprobs=request.logprobs)
 
         def finish(interrupted: bool) -> Completion:
             res = gen.result
+            self.caches.trim()  # the cache grew with the reply
             return Completion(
                 text=res.text if not interrupted else "".join(stream.text), token_ids=list(res.token_ids),
                 prompt_token_ids=ids,
@@ -146,9 +196,10 @@ class LocalEngine:
                 completion_tokens=len(res.token_ids), time_to_first_token_s=res.time_to_first_token_s,
                 prefill_tokens_per_s=res.prefill_tokens_per_s, decode_tokens_per_s=res.decode_tokens_per_s,
                 prefill_s=res.prefill_s, decode_s=res.decode_s,
-                recomputed=bool(not long_before and self.cache.long_rope
+                recomputed=bool(not long_before and cache.long_rope
                                 and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
+                logprobs=list(res.logprobs) if request.logprobs is not None else None,
             )
 
-        stream = Stream(pieces, finish)
+        stream = Stream(pieces, finish, gen.result.logprobs if request.logprobs is not None else None)
         return stream

@@ -84,6 +84,17 @@ class Sampler:
             logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
         return logits
 
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own log-probabilities over the real tokens: before penalties, temperature
+        and truncation (what an OpenAI-style API reports as logprobs)."""
+        logits = logits.detach().float().cpu()
+        if self.allowed is not None:
+            n = min(len(self.allowed), len(logits))
+            logits = logits.clone()
+            logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
+            logits[n:] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         logits = self._masked(logits, history)
         if self.params.temperature == 0:
@@ -98,6 +109,15 @@ class Sampler:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability, and the ``top`` most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # generated ids, without the stop id
     text: str = ""
@@ -108,6 +128,7 @@ class GenerationResult:
     decode_steps: int = 0  # forward passes after the prefill
     decode_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry, when asked
 
     @property
     def completion_tokens(self) -> int:
@@ -168,22 +189,9 @@ class Generator:
     def new_cache(self, capacity: int = 256):
         return self.model.new_cache(capacity=min(capacity, self.context_length))
 
-    def stream(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams | None = None,
-        max_new_tokens: int = 512,
-        stop: Iterable[str] = (),
-        ignore_eos: bool = False,
-        cache=None,
-    ) -> Iterator[str]:
-        """Yield text pieces; afterwards ``self.result`` describes the generation.
-
-        With ``cache``, the tokens it already holds must be a prefix of ``prompt_ids``; only the
-        rest is computed, and the cache ends holding the prompt and the reply. Ctrl-C stops the
-        generation cleanly: the finish reason becomes "interrupted".
-        """
-        params = (params or SamplingParams()).validate()
+    def check(self, prompt_ids: list[int], params: SamplingParams | None, max_new_tokens: int) -> None:
+        """GenerationError unless a reply to ``prompt_ids`` can be generated with these settings."""
+        (params or SamplingParams()).validate()
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt_ids:
@@ -193,16 +201,41 @@ class Generator:
                 f"the prompt has {len(prompt_ids)} tokens; it does not fit the context of "
                 f"{self.context_length} tokens with room for a reply"
             )
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 512,
+        stop: Iterable[str] = (),
+        ignore_eos: bool = False,
+        cache=None,
+        logprobs: int | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces; ``self.result`` describes the generation (as it goes, and after).
+
+        With ``cache``, the tokens it already holds must be a prefix of ``prompt_ids``; only the
+        rest is computed, and the cache ends holding the prompt and the reply. Ctrl-C stops the
+        generation cleanly: the finish reason becomes "interrupted". ``logprobs`` (a number of
+        alternatives, 0 for none): record each generated token's log-probability in
+        ``result.logprobs`` as it comes. Bad input raises GenerationError here, before any work.
+        """
+        params = (params or SamplingParams()).validate()
+        self.check(prompt_ids, params, max_new_tokens)
+        self.result = GenerationResult(prompt_tokens=len(prompt_ids))
+        return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs)
+
+    def _run(self, prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs) -> Iterator[str]:
+        res = self.result
         budget = min(max_new_tokens, self.context_length - len(prompt_ids))
         if cache is None:
             cache = self.new_cache(len(prompt_ids) + budget)
         else:
-            cache.truncate(self._reusable(cache, prompt_ids))
+            cache.truncate(cache.shared_prefix(prompt_ids))
         sampler = Sampler(params, self.allowed)
         stop_ids = set() if ignore_eos else set(self.tokenizer.stop_ids)
         decoder = self.tokenizer.stream_decoder()
         stops = StopStrings(stop)
-        res = self.result = GenerationResult(prompt_tokens=len(prompt_ids))
         history = torch.tensor(prompt_ids, dtype=torch.long)
         text: list[str] = []
         new = prompt_ids[cache.length :]
@@ -225,6 +258,8 @@ class Generator:
                     res.finish_reason = "stop"
                     break
                 res.token_ids.append(token)
+                if logprobs is not None:
+                    res.logprobs.append(self._logprob(sampler, logits, token, logprobs))
                 history = torch.cat([history, torch.tensor([token])])
                 piece, hit = stops.push(decoder.push(token))
                 if piece:
@@ -249,12 +284,8 @@ class Generator:
         res.text = "".join(text)
 
     @staticmethod
-    def _reusable(cache, prompt_ids: list[int]) -> int:
-        """How many cached tokens are a prefix of ``prompt_ids`` (at least one token is left to
-        compute, so the last prompt position's logits exist)."""
-        n = min(cache.length, len(prompt_ids) - 1)
-        if n == 0:
-            return 0
-        cached = cache.tokens[0, :n].cpu()
-        same = cached == torch.tensor(prompt_ids[:n], dtype=torch.long)
-        return n if bool(same.all()) else int(same.long().cumprod(0).sum())
+    def _logprob(sampler: Sampler, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        lp = sampler.log_probs(logits)
+        best = torch.topk(lp, top) if top else None
+        pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+        return TokenLogprob(token, float(lp[token]), pairs)

@@ -78,24 +78,47 @@ Seed = Annotated[int | None, typer.Option("--seed", min=0, rich_help_panel=_SAMP
 
 SAMPLING_NAMES = tuple(f.name for f in fields(SamplingParams))
 SAMPLING_OPTIONS = dict(zip(SAMPLING_NAMES, (Temperature, TopK, TopP, MinP, RepetitionPenalty, Seed), strict=True))
+LOAD_OPTIONS = {  # name: (option, default)
+    "revision": (Revision, None), "offline": (Offline, False), "dtype": (Dtype, "auto"), "device": (Device, "cpu"),
+    "quantize": (Quantize, None), "quantize_attention": (QuantizeAttention, False), "offload": (Offload, "none"),
+    "gpu_memory": (GpuMemory, None),
+}
 
 
-def with_sampling(command):
-    """Give a typer command the sampling options (one per SamplingParams field, declared above):
-    they are added to its signature, and reach it as one dict, ``sampling``."""
+def _adding(command, into: str, added: dict, collect):
+    """Give a typer command the options ``added`` ({name: (alias, default)}): they join its signature
+    (keyword-only, after its own), and reach it as one value, ``into`` = collect(their values)."""
     signature = inspect.signature(command, eval_str=True)  # the annotations themselves, not their text
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=alias)
-             for name, alias in SAMPLING_OPTIONS.items()]
     kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p
-            for p in signature.parameters.values() if p.name != "sampling"]
+            for p in signature.parameters.values() if p.name != into]
+    new = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias)
+           for name, (alias, default) in added.items()]
 
     @functools.wraps(command)
     def run(**kwargs):
-        sampling = {name: kwargs.pop(name) for name in SAMPLING_OPTIONS}
-        return command(**kwargs, sampling=sampling)
+        values = {name: kwargs.pop(name) for name in added}
+        return command(**kwargs, **{into: collect(values, kwargs)})
 
-    run.__signature__ = signature.replace(parameters=[*kept, *added], return_annotation=signature.return_annotation)
+    run.__signature__ = signature.replace(parameters=[*kept, *new], return_annotation=signature.return_annotation)
     return run
+
+
+def with_sampling(command):
+    """Give a command the sampling options (one per SamplingParams field); they reach it as one dict,
+    ``sampling`` (None: not given)."""
+    return _adding(command, "sampling", {name: (alias, None) for name, alias in SAMPLING_OPTIONS.items()},
+                   lambda values, _: values)
+
+
+def with_loading(command):
+    """Give a command the load options (all but ``--model``, which the command declares itself, as an
+    option or an argument); they reach it, with the model, as one LoadOptions, ``load``."""
+    def collect(values: dict, others: dict) -> LoadOptions:
+        values["offline"] = values["offline"] or None  # False: as the environment says
+        values["quantize"] = values["quantize"] or "none"
+        return LoadOptions(model=others["model"], **values)
+
+    return _adding(command, "load", LOAD_OPTIONS, collect)
 
 
 def sampling(given: dict, fallback: dict | None = None) -> SamplingParams:

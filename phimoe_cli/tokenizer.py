@@ -359,6 +359,19 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.piece(token_id) if self.is_real(token_id) else None
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own: its piece with the word boundary as a space,
+        a byte-fallback token's one byte, an added token's content (b"" for a padding id)."""
+        if not self.is_real(token_id):
+            return b""
+        added = self.added_tokens.get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        piece = self._backend.piece(token_id) or ""
+        if _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def is_real(self, token_id: int) -> bool:
         """True for an id that is a token (not a padding row of the embedding)."""
         return token_id in self._real_ids

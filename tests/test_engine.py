@@ -73,3 +73,61 @@ def test_closing_a_stream_keeps_what_came(loaded):
     done = stream.completion
     assert done.finish_reason == "interrupted" and done.text == "".join(pieces)
     assert 3 <= done.completion_tokens < 40
+
+
+def conversation(topic: str) -> list[dict]:
+    return [{"role": "system", "content": "You answer in one line."},
+            {"role": "user", "content": f"Tell me of {topic}"}]
+
+
+def test_a_cache_budget_keeps_interleaved_conversations(loaded):
+    """Two clients take turns, each resending its own growing conversation (as API clients do).
+    With one cache the second client's request rewinds the first one's to the shared system prompt;
+    with a budget each conversation keeps its cache, and every reply is what a fresh engine gives."""
+    one, pool = LocalEngine(loaded), LocalEngine(loaded, cache_budget=64 * 2**20)
+    turn = {"params": GREEDY, "max_new_tokens": 5, "ignore_eos": True}
+    for engine in (one, pool):
+        a_reply, a1 = run(engine, Request(messages=conversation("rivers"), **turn))
+        _, b1 = run(engine, Request(messages=conversation("mountains"), **turn))
+        a_next = [*conversation("rivers"), {"role": "assistant", "content": a_reply},
+                  {"role": "user", "content": "More"}]
+        text, a2 = run(engine, Request(messages=a_next, **turn))
+        fresh, fresh_done = run(LocalEngine(loaded), Request(messages=a_next, **turn))
+        assert text == fresh and a2.token_ids == fresh_done.token_ids
+        shared_system = len(loaded.tokenizer.apply_chat(conversation("rivers")[:1], add_generation_prompt=False)) - 1
+        assert b1.cached_tokens >= shared_system - 1  # the system prompt is reused by both
+        if engine is one:
+            assert a2.cached_tokens < a1.prompt_tokens  # rewound by the other conversation
+        else:
+            assert a2.cached_tokens >= a1.prompt_tokens  # its whole first turn came from the cache
+            assert len(engine.caches.entries) == 2
+    assert len(one.caches.entries) == 1
+
+
+def test_the_budget_bounds_the_caches(loaded):
+    engine = LocalEngine(loaded, cache_budget=1)  # room for nothing but the cache in use
+    for topic in ("rivers", "lakes", "seas"):
+        run(engine, Request(messages=conversation(topic), params=GREEDY, max_new_tokens=3, ignore_eos=True))
+        assert len(engine.caches.entries) == 1
+
+
+def test_logprobs_are_the_models_own(loaded):
+    """Each generated token's log-probability and the top alternatives equal a teacher-forced pass
+    over prompt + reply (one forward, no cache), whatever the sampling settings."""
+    engine = LocalEngine(loaded)
+    params = SamplingParams(temperature=1.5, top_k=5, seed=3)
+    stream = engine.generate(Request(text="The sea is", params=params, max_new_tokens=8, ignore_eos=True, logprobs=3))
+    "".join(stream)
+    done = stream.completion
+    ids = done.prompt_token_ids + done.token_ids
+    ref = engine.log_probs(ids)[len(done.prompt_token_ids) - 1 :]
+    real = loaded.tokenizer.valid_token_mask(ref.shape[1])
+    ref = ref.masked_fill(~real, float("-inf"))
+    ref = ref - ref.logsumexp(-1, keepdim=True)  # over the real tokens only
+    assert len(done.logprobs) == len(done.token_ids) == 8 and stream.logprobs == done.logprobs
+    for k, (entry, token) in enumerate(zip(done.logprobs, done.token_ids, strict=True)):
+        assert entry.token_id == token
+        assert abs(entry.logprob - float(ref[k, token])) < 1e-4
+        top = ref[k].topk(3)
+        assert [i for i, _ in entry.top] == top.indices.tolist()
+        assert all(abs(a - b) < 1e-4 for (_, a), b in zip(entry.top, top.values.tolist(), strict=True))

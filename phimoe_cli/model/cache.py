@@ -96,6 +96,30 @@ class KVCache:
             self.long_rope = False
             self.padded = False
 
+    def shared_prefix(self, ids: list[int]) -> int:
+        """How many cached tokens are a prefix of ``ids`` (at most all but the last of them, so that
+        the last position's logits are computed again)."""
+        n = min(self.length, len(ids) - 1)
+        if n <= 0:
+            return 0
+        same = self.tokens[0, :n].cpu() == torch.tensor(ids[:n], dtype=torch.long)
+        return n if bool(same.all()) else int(same.long().cumprod(0).sum())
+
+    def copy_prefix(self, source: KVCache, length: int) -> None:
+        """Hold the first ``length`` tokens of ``source`` (keys, values, ids, positions, flags),
+        forgetting everything this cache held: a second sequence that shares a prefix with it."""
+        n = min(length, source.length)
+        self.reserve(n)
+        with torch.inference_mode(False):
+            self.k[..., :n, :] = source.k[..., :n, :]
+            self.v[..., :n, :] = source.v[..., :n, :]
+            self.tokens[:, :n], self.positions[:, :n], self.valid[:, :n] = (
+                source.tokens[:, :n], source.positions[:, :n], source.valid[:, :n],
+            )
+        self.length = n
+        self.long_rope = source.long_rope and n > 0
+        self.padded = source.padded and n > 0
+
     def reset(self) -> None:
         self.truncate(0)
 

@@ -24,13 +24,8 @@ class PhimoeModel(nn.Module):
         self.rotary_emb = LongRoPE(config)
         self.decode_step = None  # a one-token back-end (decode.choose), or None: these layers
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states [batch, seq, hidden] for ``input_ids`` [batch, seq].
 
         ``attention_mask`` (1 = token, 0 = padding) covers either the new tokens or, as in
