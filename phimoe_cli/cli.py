@@ -175,6 +175,36 @@ def chat(
 
 
 @app.command()
+@options.with_loading
+def serve(
+    model: options.Model = options.DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="PHIMOE_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        "--served-model-name", show_default=False, help="The model's name in the API (default: --model as given).")]
+    = None,
+    context: options.Context = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting or running before 429.")]
+    = 64,
+    cache_memory: Annotated[str, typer.Option(
+        "--cache-memory", help="KV cache kept for clients that resend a conversation (LRU beyond it).")] = "2GiB",
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="Allow browsers from this origin (repeatable; default: no CORS).")] = None,
+    load: options.LoadOptions | None = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    from phimoe_cli.server.main import run_serve
+
+    raise typer.Exit(run_serve(load=load, host=host, port=port, api_key=api_key, served_name=served_model_name,
+                               context=context, max_queue=max_queue, cache_memory=cache_memory,
+                               cors_origins=cors_origin or []))
+
+
+@app.command()
 def download(
     repo: Annotated[str, typer.Argument(help="Hub repo id.")] = options.DEFAULT_MODEL,
     revision: options.Revision = None,

@@ -17,7 +17,7 @@ to a remote OpenAI-compatible server) can stand in for it; token ids are then op
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from phimoe_cli.generation import Generator, TokenLogprob
@@ -37,6 +37,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
+    cancelled: Callable[[], bool] | None = None  # asked before each token (another thread's stop)
 
 
 @dataclass
@@ -147,6 +148,10 @@ class LocalEngine:
         return self.loaded.model_id
 
     @property
+    def vocab_size(self) -> int:
+        return self.loaded.model.config.vocab_size
+
+    @property
     def context_length(self) -> int:
         return self.generator.context_length
 
@@ -183,7 +188,8 @@ class LocalEngine:
         cache = self.cache = self.caches.take(ids)  # (after the checks: a bad request keeps every cache)
         long_before = cache.long_rope and cache.length > 0
         pieces = gen.stream(ids, request.params, request.max_new_tokens, stop=request.stop,
-                            ignore_eos=request.ignore_eos, cache=cache, logprobs=request.logprobs)
+                            ignore_eos=request.ignore_eos, cache=cache, logprobs=request.logprobs,
+                            cancelled=request.cancelled)
 
         def finish(interrupted: bool) -> Completion:
             res = gen.result

@@ -211,6 +211,7 @@ class Generator:
         ignore_eos: bool = False,
         cache=None,
         logprobs: int | None = None,
+        cancelled=None,
     ) -> Iterator[str]:
         """Yield text pieces; ``self.result`` describes the generation (as it goes, and after).
 
@@ -218,14 +219,16 @@ class Generator:
         rest is computed, and the cache ends holding the prompt and the reply. Ctrl-C stops the
         generation cleanly: the finish reason becomes "interrupted". ``logprobs`` (a number of
         alternatives, 0 for none): record each generated token's log-probability in
-        ``result.logprobs`` as it comes. Bad input raises GenerationError here, before any work.
+        ``result.logprobs`` as it comes. ``cancelled`` (a callable, e.g. ``threading.Event.is_set``):
+        asked before each token; True ends the generation as "interrupted" (another thread's stop).
+        Bad input raises GenerationError here, before any work.
         """
         params = (params or SamplingParams()).validate()
         self.check(prompt_ids, params, max_new_tokens)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
-        return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs)
+        return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled)
 
-    def _run(self, prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs) -> Iterator[str]:
+    def _run(self, prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled) -> Iterator[str]:
         res = self.result
         budget = min(max_new_tokens, self.context_length - len(prompt_ids))
         if cache is None:
@@ -247,6 +250,9 @@ class Generator:
         try:
             x = torch.tensor([new], dtype=torch.long, device=self.device)
             for step in range(budget):
+                if cancelled is not None and cancelled():
+                    res.finish_reason = "interrupted"
+                    break
                 with torch.inference_mode():
                     logits = self.model(x, cache=cache, logits_to_keep=1)[0, -1]
                 token = sampler(logits, history)
