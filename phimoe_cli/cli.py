@@ -55,6 +55,7 @@ def tokenize(
 @app.command()
 @options.with_sampling
 @options.with_loading
+@options.with_remote
 def generate(
     prompt: Annotated[str | None, typer.Argument(
         help="The prompt; '-' or omitted: read stdin. Both: PROMPT, a blank line, stdin.", show_default=False)] = None,
@@ -68,6 +69,7 @@ def generate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Write timings to stderr.")] = False,
     load: options.LoadOptions | None = None,
     sampling: dict | None = None,
+    remote: options.Remote | None = None,
 ) -> None:
     """Generate a reply to PROMPT (or stdin) and print it: stdout carries only the text."""
     from phimoe_cli.generate_command import run_generate
@@ -75,7 +77,7 @@ def generate(
     raise typer.Exit(run_generate(
         prompt, load=load, system=system, raw=raw, params=options.sampling(sampling or {}),
         max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["generate"], stop=stop or [], ignore_eos=ignore_eos,
-        json_out=json_out, verbose=verbose,
+        json_out=json_out, verbose=verbose, remote=remote,
     ))
 
 
@@ -148,6 +150,7 @@ def evaluate(
 @app.command()
 @options.with_sampling
 @options.with_loading
+@options.with_remote
 def chat(
     model: options.Model = options.DEFAULT_MODEL,
     system: options.System = None,
@@ -163,6 +166,7 @@ def chat(
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not read or write the input history.")] = False,
     load: options.LoadOptions | None = None,
     sampling: dict | None = None,
+    remote: options.Remote | None = None,
 ) -> None:
     """Chat in the terminal (/help inside). With stdin piped: answer it as one message and exit."""
     from phimoe_cli.chat import run_chat
@@ -170,7 +174,7 @@ def chat(
     raise typer.Exit(run_chat(
         load=load, system=system, sampling=sampling or {}, max_new_tokens=max_new_tokens,
         stop=stop or [], ignore_eos=ignore_eos, context=context, plain=plain, no_history=no_history, resume=resume,
-        on_overflow=on_overflow,
+        on_overflow=on_overflow, remote=remote,
     ))
 
 
@@ -181,9 +185,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")] = 8000,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="PHIMOE_API_KEY", show_default=False,
-        help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    api_key: options.ServeApiKey = None,
     served_model_name: Annotated[str | None, typer.Option(
         "--served-model-name", show_default=False, help="The model's name in the API (default: --model as given).")]
     = None,

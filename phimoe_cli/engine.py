@@ -147,6 +147,23 @@ class LocalEngine:
     def name(self) -> str:
         return self.loaded.model_id
 
+    def offload_stats(self) -> dict | None:
+        """The expert cache's hits and misses with --offload (None without)."""
+        from phimoe_cli.model.offload import offload_stats
+
+        return offload_stats(self.loaded.model)
+
+    @property
+    def load_s(self) -> float:
+        return self.loaded.load_s
+
+    def describe(self) -> dict:
+        """What a transcript records of the model (and /show prints)."""
+        ld = self.loaded
+        quantize = ld.quantize if ld.quantize not in (None, "none") else None
+        return {"id": ld.model_id, "revision": ld.revision, "path": str(ld.path), "dtype": ld.dtype,
+                "device": ld.device, "quantization": quantize}
+
     @property
     def vocab_size(self) -> int:
         return self.loaded.model.config.vocab_size

@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
-from phimoe_cli.engine import LocalEngine, Request
-from phimoe_cli.model.offload import offload_stats
-from phimoe_cli.options import LoadOptions
+from phimoe_cli.engine import Request
+from phimoe_cli.options import LoadOptions, Remote
 from phimoe_cli.params import SamplingParams
-from phimoe_cli.runtime import load as load_model
-from phimoe_cli.runtime import read_prompt
+from phimoe_cli.runtime import open_engine, read_prompt
 
 
 def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingParams, max_new_tokens: int, stop,
-                 ignore_eos: bool, json_out: bool, verbose: bool) -> int:
+                 ignore_eos: bool, json_out: bool, verbose: bool, remote: Remote | None = None) -> int:
     text = read_prompt(prompt)
     params.validate()
-    loaded = load_model(load)
-    engine = LocalEngine(loaded)
+    engine = open_engine(load, remote, on_retry=lambda line: sys.stderr.write(f"{line}\n"))
     messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}]
     request = Request(messages=messages, text=text if raw else None, params=params, max_new_tokens=max_new_tokens,
@@ -32,16 +29,16 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
     res = stream.completion
     if json_out:
         out.write(json.dumps({
-            "model": loaded.model_id,
+            "model": engine.name,
             "text": res.text,
             "prompt_token_ids": res.prompt_token_ids,
             "token_ids": res.token_ids,
             "finish_reason": res.finish_reason if res.finish_reason != "interrupted" else "length",
             "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
             "timings": {
-                "load_s": round(loaded.load_s, 4),
+                "load_s": round(engine.load_s, 4),
                 "time_to_first_token_s": round(res.time_to_first_token_s, 4),
-                "prefill_tokens_per_s": round(res.prefill_tokens_per_s, 2),
+                "prefill_tokens_per_s": round(res.prefill_tokens_per_s, 2) if engine.tokenizer else None,
                 "decode_tokens_per_s": round(res.decode_tokens_per_s, 2),
             },
         }, ensure_ascii=False) + "\n")
@@ -51,12 +48,12 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
     if verbose:
         sys.stderr.write(
             f"prompt {res.prompt_tokens} tokens, generated {res.completion_tokens} ({res.finish_reason}); "
-            f"load {loaded.load_s:.2f} s, first token {res.time_to_first_token_s:.2f} s, "
+            f"load {engine.load_s:.2f} s, first token {res.time_to_first_token_s:.2f} s, "
             f"prefill {res.prefill_tokens_per_s:.1f} tok/s, decode {res.decode_tokens_per_s:.1f} tok/s\n"
         )
-        stats = offload_stats(loaded.model)
+        stats = engine.offload_stats()
         if stats:
-            sys.stderr.write(f"expert cache: {stats['capacity_per_layer']} per layer on {loaded.device}, "
+            sys.stderr.write(f"expert cache: {stats['capacity_per_layer']} per layer on {engine.loaded.device}, "
                              f"hit rate {stats['hit_rate']:.0%} ({stats['hits']} hits, {stats['misses']} misses)\n")
     if res.finish_reason == "interrupted":
         sys.stderr.write("interrupted\n")

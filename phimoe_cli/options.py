@@ -45,6 +45,17 @@ Offload = Annotated[str, typer.Option(
 GpuMemory = Annotated[str | None, typer.Option(
     "--gpu-memory", help="Device memory for --offload / --device auto / --plan, e.g. 20GiB.", rich_help_panel=_LOADING)]
 
+# ----------------------------------------------------------------------------- a remote server
+BaseUrl = Annotated[str | None, typer.Option(
+    "--base-url", envvar="PHIMOE_BASE_URL", show_default=False, rich_help_panel="Remote",
+    help="Use an OpenAI-compatible server (phimoe serve, vLLM, ...) at this URL, e.g. http://host:8000/v1.")]
+ApiKey = Annotated[str | None, typer.Option(
+    "--api-key", envvar=["PHIMOE_API_KEY", "OPENAI_API_KEY"], show_default=False, show_envvar=True,
+    rich_help_panel="Remote", help="The server's API key (with --base-url).")]
+ServeApiKey = Annotated[str | None, typer.Option(
+    "--api-key", envvar="PHIMOE_API_KEY", show_default=False,
+    help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")]
+
 # --------------------------------------------------------------------------- the conversation
 System = Annotated[str | None, typer.Option("--system", "-s", help="A system message.")]
 MaxNewTokens = Annotated[int | None, typer.Option(
@@ -121,6 +132,13 @@ def with_loading(command):
     return _adding(command, "load", LOAD_OPTIONS, collect)
 
 
+def with_remote(command):
+    """Give a command --base-url and --api-key; they reach it as one Remote, ``remote`` (its
+    ``base_url`` None: run the model here)."""
+    return _adding(command, "remote", {"base_url": (BaseUrl, None), "api_key": (ApiKey, None)},
+                   lambda values, _: Remote(**values))
+
+
 def sampling(given: dict, fallback: dict | None = None) -> SamplingParams:
     """SamplingParams from the options given (None: not given), else ``fallback`` (a saved
     conversation's), else SamplingParams' defaults."""
@@ -149,3 +167,17 @@ class LoadOptions:
     quantize_attention: bool = False
     offload: str = "none"
     gpu_memory: str | None = None
+
+    def given(self) -> list[str]:
+        """The load options set to other than their defaults, as flags (``--model`` aside)."""
+        default = LoadOptions(model=self.model)
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)]
+
+
+@dataclass
+class Remote:
+    """An OpenAI-compatible server to use instead of a model of this process."""
+
+    base_url: str | None = None
+    api_key: str | None = None

@@ -94,3 +94,25 @@ def parse_size(text: str | None) -> int | None:
     if not m or m.group(2).lower() not in _UNITS:
         raise UsageError(f"cannot read the size {text!r}: use e.g. 20GiB, 24GB or 512MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def open_engine(options: LoadOptions, remote=None, context: int | None = None, on_retry=None):
+    """The engine a front end talks to: the model of ``options`` loaded here, or, with
+    ``remote.base_url``, the server there (load options other than --model are refused)."""
+    if remote is not None and remote.base_url:
+        given = options.given()
+        if given:
+            raise UsageError(f"{', '.join(given)}: options for loading a model here; with --base-url the server "
+                             "has loaded its own")
+        from phimoe_cli.options import DEFAULT_MODEL
+        from phimoe_cli.remote import RemoteEngine
+
+        model = None if options.model == DEFAULT_MODEL else options.model  # not given: the server's only model
+        return RemoteEngine(remote.base_url, remote.api_key, model, context_length=context, on_retry=on_retry)
+    from phimoe_cli.engine import LocalEngine
+
+    loaded = load(options)
+    max_ctx = loaded.model.config.max_position_embeddings
+    if context is not None and context > max_ctx:
+        raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")
+    return LocalEngine(loaded, context_length=context)

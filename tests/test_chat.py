@@ -519,13 +519,15 @@ def test_error_policy_keeps_the_conversation(model_dir):
 
     from phimoe_cli.chat.conversation import Settings
     from phimoe_cli.chat.session import ChatSession
+    from phimoe_cli.engine import LocalEngine
     from phimoe_cli.generation import SamplingParams
     from phimoe_cli.runtime import load
 
     loaded = load(str(model_dir), progress=False)
     out = io.StringIO()
-    session = ChatSession(loaded, Settings(SamplingParams(temperature=0), 8), system=None, stop=[], ignore_eos=True,
-                          context=40, plain=True, on_overflow="error", console=Console(file=out, width=200))
+    session = ChatSession(LocalEngine(loaded, context_length=40), Settings(SamplingParams(temperature=0), 8),
+                          system=None, stop=[], ignore_eos=True, plain=True, on_overflow="error",
+                          console=Console(file=out, width=200))
     session.saver.enabled = False
     turn = session.reply("one", out=io.StringIO())
     assert turn.completion_tokens == 8 and len(session.conv.messages) == 2

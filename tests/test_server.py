@@ -6,62 +6,19 @@ are checked on the running process."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import PHIMOE, run_phimoe
+from conftest import run_phimoe
+from servers import Served
 
 KEY = "test-key-123"
-
-
-class Served:
-    """A `phimoe serve` process; its stderr goes to a file (a pipe would fill and block it)."""
-
-    def __init__(self, tmp: Path, *args, env: dict | None = None):
-        self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*PHIMOE, "serve", "--port", "0", *map(str, args)], stdout=subprocess.DEVNULL,
-                                     stderr=self.log, env=dict(os.environ, **(env or {})))
-        self.url = None
-        deadline = time.monotonic() + 60
-        while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
-            m = re.search(r"listening on (http://[^ ]+)", self.log_path.read_text())
-            self.url = m.group(1) if m else None
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.text()
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the server never became ready:\n" + self.text())
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -132,14 +132,18 @@ def _show_settings(s) -> None:
     s.out(Text("  " + "  ".join(f"{k}={_setting(s, k)}" for k in SETTING_NAMES)))
 
 def cmd_show(s, arg: str) -> None:
-    ld = s.loaded
+    d = s.engine.describe()
+    if "base_url" in d:
+        model_rows = [("model", f"{d['id']} (served)"), ("server", d["base_url"])]
+        cache = "counted by the server"
+    else:
+        model_rows = [("model", f"{d['id']}" + (f" @ {d['revision']}" if d["revision"] else "")),
+                      ("path", d["path"]), ("dtype / device", f"{d['dtype']} / {d['device']}"),
+                      ("quantization", d["quantization"] or "none")]
+        cache = f"KV cache {s.engine.cache_bytes() / 2**20:.1f} MiB allocated"
     rows = [
-        ("model", f"{ld.model_id}" + (f" @ {ld.revision}" if ld.revision else "")),
-        ("path", str(ld.path)),
-        ("dtype / device", f"{ld.dtype} / {ld.device}"),
-        ("quantization", _quantization(ld) or "none"),
-        ("context", f"{s.context_used()} / {s.context_length} tokens "
-                    f"(KV cache {s.engine.cache_bytes() / 2**20:.1f} MiB allocated)"),
+        *model_rows,
+        ("context", f"{s.context_used()} / {s.context_length or '?'} tokens ({cache})"),
         ("on overflow", s.on_overflow),
         ("system prompt", s.conv.system or "none"),
         ("settings", "  ".join(f"{k}={_setting(s, k)}" for k in SETTING_NAMES)),
@@ -220,8 +224,8 @@ def cmd_stats(s, arg: str) -> None:
         f"reused {st.prompt_tokens - st.prefill_tokens}; "
         f"generated {st.completion_tokens} tokens ({decode:.1f} tok/s)"
     ))
-    s.out(Text(f"  context {s.context_used()} / {s.context_length} tokens; "
-                  f"model loaded in {s.loaded.load_s:.1f} s"))
+    s.out(Text(f"  context {s.context_used()} / {s.context_length or '?'} tokens; "
+                  f"model loaded in {s.engine.load_s:.1f} s"))
 
 
 def _parse_setting(key: str, raw: str):
@@ -244,12 +248,6 @@ def _parse_setting(key: str, raw: str):
         return float(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is not a number") from None
-
-
-def _quantization(loaded) -> str | None:
-    """The loaded model's weight quantization (None: full precision)."""
-    value = getattr(loaded, "quantize", None) or getattr(loaded, "quantization", None)
-    return None if value in (None, "none") else str(value)
 
 
 HANDLERS = {

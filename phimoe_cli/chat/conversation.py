@@ -22,7 +22,7 @@ from phimoe_cli.transcript import Transcript, data_dir
 OVERFLOW_POLICIES = ("drop-oldest", "error")
 
 
-class ContextOverflow(Exception):
+class ContextOverflow(UsageError):
     """The conversation does not fit the context; one line for the user."""
 
 
@@ -169,6 +169,17 @@ class Conversation:
             self.reset_ids()
         return dropped
 
+    def drop_oldest_turn(self) -> list[dict]:
+        """Drop the oldest whole turn (the system prompt stays); the messages dropped."""
+        system, turns = group_turns(self.messages)
+        if len(turns) <= 1:
+            return []
+        dropped = turns.pop(0)
+        self.dropped += dropped
+        self.messages = system + [m for t in turns for m in t]
+        self.reset_ids()
+        return dropped
+
     @property
     def turns(self) -> int:
         return sum(1 for m in self.messages if m["role"] == "user")
@@ -205,6 +216,16 @@ class SessionStats:
     prefill_s: float = 0.0
     last: TurnStats | None = None
     history: list[TurnStats] = field(default_factory=list)
+
+    def add(self, turn: TurnStats, prefill_s: float, decode_s: float) -> None:
+        self.turns += 1
+        self.prompt_tokens += turn.prompt_tokens
+        self.prefill_tokens += turn.prefill_tokens
+        self.completion_tokens += turn.completion_tokens
+        self.prefill_s += prefill_s
+        self.decode_s += decode_s
+        self.last = turn
+        self.history.append(turn)
 
 
 @dataclass

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from phimoe_cli.chat.conversation import OVERFLOW_POLICIES, ContextOverflow, latest_autosave, resolve_settings
 from phimoe_cli.chat.input import make_prompt_session
 from phimoe_cli.chat.session import ChatSession
 from phimoe_cli.errors import UsageError
-from phimoe_cli.options import LoadOptions
+from phimoe_cli.options import LoadOptions, Remote
 from phimoe_cli.params import GenerationError
-from phimoe_cli.runtime import load as load_model
-from phimoe_cli.runtime import read_prompt
+from phimoe_cli.runtime import open_engine, read_prompt
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_file
 
 
@@ -26,7 +26,7 @@ def _env_flag(name: str) -> bool:
 
 def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_tokens: int | None,
              stop: list[str], ignore_eos: bool, context: int | None, plain: bool, no_history: bool,
-             resume: str | None, on_overflow: str) -> int:
+             resume: str | None, on_overflow: str, remote: Remote | None = None) -> int:
     if on_overflow not in OVERFLOW_POLICIES:
         raise UsageError(f"--on-overflow must be drop-oldest or error, got {on_overflow!r}")
     transcript, resume_path = None, None
@@ -55,15 +55,11 @@ def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_t
             history_path = None
 
     console = Console(highlight=False, stderr=not interactive)
-    loaded = load_model(load)
-    max_ctx = loaded.model.config.max_position_embeddings
-    if context is not None and context > max_ctx:
-        raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")
-
+    engine = open_engine(load, remote, context=context,
+                         on_retry=lambda line: console.print(Text(line, style="yellow"), soft_wrap=True))
     session = ChatSession(
-        loaded, settings, system=system if transcript is None else None, stop=stop, ignore_eos=ignore_eos,
-        context=context, plain=plain or not interactive, on_overflow=on_overflow, console=console,
-        history_path=history_path,
+        engine, settings, system=system if transcript is None else None, stop=stop, ignore_eos=ignore_eos,
+        plain=plain or not interactive, on_overflow=on_overflow, console=console, history_path=history_path,
     )
     if transcript is not None:
         session.load_transcript(transcript, resume_path, show=interactive, settings=False)

@@ -13,11 +13,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from phimoe_cli.chat.commands import PROMPT, _quantization, run_command
+from phimoe_cli.chat.commands import PROMPT, run_command
 from phimoe_cli.chat.conversation import ContextOverflow, Conversation, SessionStats, Settings, TurnStats
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
-from phimoe_cli.engine import LocalEngine, Request
+from phimoe_cli.engine import Request
+from phimoe_cli.errors import PhimoeError
 from phimoe_cli.params import GenerationError, SamplingParams
+from phimoe_cli.remote import ContextTooLong
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_dir
 
 
@@ -51,18 +53,19 @@ class Autosave:
 
 
 class ChatSession:
-    def __init__(self, loaded, settings: Settings, *, system: str | None, stop: list[str], ignore_eos: bool,
-                 context: int | None, plain: bool, on_overflow: str, console: Console | None = None,
-                 history_path: Path | None = None):
-        self.loaded = loaded
-        self.tok = loaded.tokenizer
+    """``engine``: a LocalEngine, or a RemoteEngine (no tokenizer: the conversation goes as
+    messages, and the server's answer says when it does not fit)."""
+
+    def __init__(self, engine, settings: Settings, *, system: str | None, stop: list[str], ignore_eos: bool,
+                 plain: bool, on_overflow: str, console: Console | None = None, history_path: Path | None = None):
+        self.engine = engine
+        self.tok = engine.tokenizer
         self.settings = settings
         self.stop = stop
         self.ignore_eos = ignore_eos
         self.on_overflow = on_overflow
         self.console = console or Console(highlight=False, soft_wrap=False)
         self.plain = plain or not self.console.is_terminal
-        self.engine = LocalEngine(loaded, context_length=context)
         self.conv = Conversation(self.tok, system)
         self.stats = SessionStats()
         self.history_path = history_path
@@ -82,10 +85,13 @@ class ChatSession:
         self.out(Text(text, style="yellow"))
 
     @property
-    def context_length(self) -> int:
+    def context_length(self) -> int | None:
         return self.engine.context_length
 
     def context_used(self) -> int:
+        if self.tok is None:  # remote: what the server counted for the last turn
+            last = self.stats.last
+            return last.prompt_tokens + last.completion_tokens if last and self.conv.messages else 0
         if self.conv.known_count == len(self.conv.messages) and self.conv.known:
             return len(self.conv.known)
         if not self.conv.messages:
@@ -98,8 +104,11 @@ class ChatSession:
         """Tokens kept free for the reply when fitting the conversation into the context."""
         return max(1, min(self.settings.max_new_tokens, self.context_length // 4))
 
-    def fit(self) -> list[int]:
-        """The prompt for the next reply, applying the overflow policy; raises ContextOverflow."""
+    def fit(self) -> list[int] | None:
+        """The prompt for the next reply, applying the overflow policy; raises ContextOverflow.
+        None for a remote engine: its server counts the tokens (see _start)."""
+        if self.tok is None:
+            return None
         budget = self.context_length - self.room()
         prompt = self.conv.prompt_ids()
         if len(prompt) <= budget:
@@ -126,15 +135,13 @@ class ChatSession:
             self.conv.add_user(text)
         try:
             prompt = self.fit()
-        except ContextOverflow:
-            if text is not None:
+            pieces = self._start(prompt)
+        except PhimoeError:  # refused before the first token (too long, bad settings, no server): the
+            if text is not None:  # message is not kept (it is in the input history)
                 self.conv.truncate(n_before)
             raise
         stream = PlainStream(out or sys.stdout) if (self.plain or out is not None) else MarkdownStream(self.console)
-        s = self.settings
-        pieces = self.engine.generate(Request(token_ids=prompt, params=s.params, max_new_tokens=s.max_new_tokens,
-                                              stop=self.stop, ignore_eos=self.ignore_eos))
-        interrupted = False
+        interrupted, failure = False, None
         shown: list[str] = []
         try:
             for piece in pieces:
@@ -142,11 +149,8 @@ class ChatSession:
                 stream.feed(piece)
         except KeyboardInterrupt:  # Ctrl+C while we were drawing, not generating
             interrupted = True
-        except GenerationError:  # refused before the first token: the message is not kept
-            stream.finish()
-            if text is not None:
-                self.conv.truncate(n_before)
-            raise
+        except PhimoeError as exc:  # the stream was cut: keep what came, marked interrupted
+            interrupted, failure = True, exc
         # From here on the turn is recorded whatever happens: a second Ctrl+C waits.
         old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
         try:
@@ -157,23 +161,20 @@ class ChatSession:
             reply_text = "".join(shown)
             with contextlib.suppress(KeyboardInterrupt):
                 stream.finish()
+            if failure is not None and not reply_text:
+                if text is not None:
+                    self.conv.truncate(n_before)
+                raise failure
             self.conv.add_reply(reply_text, prompt, res.token_ids, interrupted)
             turn = TurnStats(
-                prompt_tokens=len(prompt), prefill_tokens=res.prefill_tokens,
-                completion_tokens=len(res.token_ids), finish_reason="interrupted" if interrupted else res.finish_reason,
+                prompt_tokens=res.prompt_tokens, prefill_tokens=res.prefill_tokens,
+                completion_tokens=res.completion_tokens,
+                finish_reason="interrupted" if interrupted else res.finish_reason,
                 time_to_first_token_s=res.time_to_first_token_s, prefill_tokens_per_s=res.prefill_tokens_per_s,
                 decode_tokens_per_s=res.decode_tokens_per_s,
                 recomputed=res.recomputed,
             )
-            st = self.stats
-            st.turns += 1
-            st.prompt_tokens += turn.prompt_tokens
-            st.prefill_tokens += turn.prefill_tokens
-            st.completion_tokens += turn.completion_tokens
-            st.prefill_s += res.prefill_s
-            st.decode_s += res.decode_s
-            st.last = turn
-            st.history.append(turn)
+            self.stats.add(turn, res.prefill_s, res.decode_s)
             if show_stats:
                 if interrupted:
                     self.note("[interrupted: the partial reply is kept; /retry for a new one]", "yellow")
@@ -182,7 +183,28 @@ class ChatSession:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+        if failure is not None:
+            raise failure
         return turn
+
+    def _start(self, prompt: list[int] | None):
+        """The engine's stream for the next reply. Remote (``prompt`` None): the messages go as they
+        are; when the server says they do not fit, the oldest turns are dropped (or ContextOverflow)."""
+        s = self.settings
+        request = Request(params=s.params, max_new_tokens=s.max_new_tokens, stop=self.stop,
+                          ignore_eos=self.ignore_eos)
+        if prompt is not None:
+            request.token_ids = prompt
+            return self.engine.generate(request)
+        while True:
+            request.messages = [{"role": m["role"], "content": m["content"]} for m in self.conv.messages]
+            try:
+                return self.engine.generate(request)
+            except ContextTooLong as exc:
+                if self.on_overflow == "error" or self.conv.turns <= 1:
+                    raise ContextOverflow(f"{exc}: /undo or /clear, or lower max_new_tokens") from None
+                dropped = self.conv.drop_oldest_turn()
+                self.hint(f"context full: dropped the oldest turn ({len(dropped)} messages); the system prompt stays")
 
     def stats_line(self, t: TurnStats) -> str:
         used = self.context_used()
@@ -190,10 +212,13 @@ class ChatSession:
             f"{t.completion_tokens} tokens",
             f"{t.decode_tokens_per_s:.1f} tok/s",
             f"first token {t.time_to_first_token_s:.2f} s",
-            f"context {used}/{self.context_length}",
+            f"context {used}/{self.context_length or '?'}",
         ]
+        if self.tok is None and t.prompt_tokens > t.prefill_tokens:
+            parts.append(f"{t.prompt_tokens - t.prefill_tokens} cached")
         if t.finish_reason == "length":
-            parts.append("context full" if used >= self.context_length else "max_new_tokens reached")
+            full = self.context_length and used >= self.context_length
+            parts.append("context full" if full else "max_new_tokens reached")
         return " · ".join(parts)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -202,11 +227,7 @@ class ChatSession:
         t = Transcript(
             messages=self.conv.messages, sampling=self.settings.params.to_dict(),
             max_new_tokens=self.settings.max_new_tokens, dropped=self.conv.dropped,
-            model={
-                "id": self.loaded.model_id, "revision": self.loaded.revision, "path": str(self.loaded.path),
-                "dtype": self.loaded.dtype, "device": self.loaded.device,
-                "quantization": _quantization(self.loaded),
-            },
+            model=self.engine.describe(),
         )
         if self.created:
             t.created = self.created
@@ -236,9 +257,9 @@ class ChatSession:
                                          t.max_new_tokens or self.settings.max_new_tokens)
             except (GenerationError, TypeError) as exc:
                 self.hint(f"kept the current sampling settings: {exc}")
-        saved_model = t.model.get("id")
-        if saved_model and saved_model != self.loaded.model_id and str(Path(saved_model)) != str(self.loaded.path):
-            self.note(f"this conversation was with {saved_model}; it continues with {self.loaded.model_id}")
+        saved_model, now = t.model.get("id"), self.engine.describe()
+        if saved_model and saved_model != now["id"] and str(Path(saved_model)) != now.get("path"):
+            self.note(f"this conversation was with {saved_model}; it continues with {now['id']}")
         if show:
             self.replay()
         self.note(f"loaded {source}: {self.conv.turns} turns, {len(self.conv.messages)} messages")
@@ -263,15 +284,18 @@ class ChatSession:
             self.hint(str(exc))
         except GenerationError as exc:
             self.hint(" ".join(str(exc).split()))
+        except PhimoeError as exc:  # e.g. the server is unreachable: the session goes on
+            self.hint(" ".join(str(exc).split()))
         except (RuntimeError, ValueError) as exc:  # never lose the session (and the loaded model)
             self.hint(f"the reply failed: {' '.join(str(exc).split()) or type(exc).__name__}")
 
     # -- the loop --------------------------------------------------------------------------------
 
     def repl(self, prompt_session) -> int:
-        ld = self.loaded
+        d = self.engine.describe()
+        where = d["base_url"] if "base_url" in d else f"{d['dtype']} · {d['device']}"
         self.note(
-            f"phimoe chat · {ld.model_id} · {ld.dtype} · {ld.device} · context {self.context_length} · "
+            f"phimoe chat · {d['id']} · {where} · context {self.context_length or '?'} · "
             f"/help for help, Ctrl+D quits"
         )
         while True:
