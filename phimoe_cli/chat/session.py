@@ -178,7 +178,7 @@ class ChatSession:
             if show_stats:
                 if interrupted:
                     self.note("[interrupted: the partial reply is kept; /retry for a new one]", "yellow")
-                self.note(self.stats_line(turn))
+                self.note(stats_line(self, turn))
             self.autosave()
         finally:
             if old_handler is not None:
@@ -205,21 +205,6 @@ class ChatSession:
                     raise ContextOverflow(f"{exc}: /undo or /clear, or lower max_new_tokens") from None
                 dropped = self.conv.drop_oldest_turn()
                 self.hint(f"context full: dropped the oldest turn ({len(dropped)} messages); the system prompt stays")
-
-    def stats_line(self, t: TurnStats) -> str:
-        used = self.context_used()
-        parts = [
-            f"{t.completion_tokens} tokens",
-            f"{t.decode_tokens_per_s:.1f} tok/s",
-            f"first token {t.time_to_first_token_s:.2f} s",
-            f"context {used}/{self.context_length or '?'}",
-        ]
-        if self.tok is None and t.prompt_tokens > t.prefill_tokens:
-            parts.append(f"{t.prompt_tokens - t.prefill_tokens} cached")
-        if t.finish_reason == "length":
-            full = self.context_length and used >= self.context_length
-            parts.append("context full" if full else "max_new_tokens reached")
-        return " · ".join(parts)
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -261,21 +246,8 @@ class ChatSession:
         if saved_model and saved_model != now["id"] and str(Path(saved_model)) != now.get("path"):
             self.note(f"this conversation was with {saved_model}; it continues with {now['id']}")
         if show:
-            self.replay()
+            replay(self)
         self.note(f"loaded {source}: {self.conv.turns} turns, {len(self.conv.messages)} messages")
-
-    def replay(self) -> None:
-        for m in self.conv.messages:
-            if m["role"] == "system":
-                self.note(f"system: {m['content']}")
-            elif m["role"] == "user":
-                self.out(Text(PROMPT, style="bold") + Text(m["content"]))
-            else:
-                stream = PlainStream(self.console.file) if self.plain else MarkdownStream(self.console, live=False)
-                stream.feed(m["content"])
-                stream.finish()
-                if m.get("interrupted"):
-                    self.note("[interrupted]", "yellow")
 
     def _reply_or_hint(self, text: str | None) -> None:
         try:
@@ -319,6 +291,38 @@ class ChatSession:
         if self.saver.path is not None and self.saver.error is None:
             self.note(f"conversation saved: phimoe chat --resume {self.saver.path}")
         return 0
+
+
+def replay(session: ChatSession) -> None:
+    """Print a loaded conversation as the chat showed it."""
+    for m in session.conv.messages:
+        if m["role"] == "system":
+            session.note(f"system: {m['content']}")
+        elif m["role"] == "user":
+            session.out(Text(PROMPT, style="bold") + Text(m["content"]))
+        else:
+            stream = PlainStream(session.console.file) if session.plain else MarkdownStream(session.console, live=False)
+            stream.feed(m["content"])
+            stream.finish()
+            if m.get("interrupted"):
+                session.note("[interrupted]", "yellow")
+
+
+def stats_line(session: ChatSession, t: TurnStats) -> str:
+    """The line under a reply: tokens, speed, first token, context."""
+    used = session.context_used()
+    parts = [
+        f"{t.completion_tokens} tokens",
+        f"{t.decode_tokens_per_s:.1f} tok/s",
+        f"first token {t.time_to_first_token_s:.2f} s",
+        f"context {used}/{session.context_length or '?'}",
+    ]
+    if session.tok is None and t.prompt_tokens > t.prefill_tokens:
+        parts.append(f"{t.prompt_tokens - t.prefill_tokens} cached")
+    if t.finish_reason == "length":
+        full = session.context_length and used >= session.context_length
+        parts.append("context full" if full else "max_new_tokens reached")
+    return " · ".join(parts)
 
 
 def _main_thread() -> bool:
