@@ -67,6 +67,8 @@ def generate(
     ignore_eos: options.IgnoreEos = False,
     json_out: options.Json = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Write timings to stderr.")] = False,
+    no_stdin: Annotated[bool, typer.Option(
+        "--no-stdin", help="Never read stdin (in a `while read` loop, or beside an open, silent pipe).")] = False,
     load: options.LoadOptions | None = None,
     sampling: dict | None = None,
     remote: options.Remote | None = None,
@@ -77,7 +79,7 @@ def generate(
     raise typer.Exit(run_generate(
         prompt, load=load, system=system, raw=raw, params=options.sampling(sampling or {}),
         max_new_tokens=max_new_tokens or MAX_NEW_TOKENS["generate"], stop=stop or [], ignore_eos=ignore_eos,
-        json_out=json_out, verbose=verbose, remote=remote,
+        json_out=json_out, verbose=verbose, remote=remote, no_stdin=no_stdin,
     ))
 
 
@@ -219,7 +221,9 @@ def download(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Hub repo id or local checkpoint directory.")] = options.DEFAULT_MODEL,
+    model_arg: Annotated[str | None, typer.Argument(
+        metavar="[MODEL]", help="Hub repo id or local checkpoint directory (or --model).", show_default=False)] = None,
+    model: options.Model = options.DEFAULT_MODEL,
     revision: options.Revision = None,
     offline: options.Offline = False,
     context: options.Context = None,
@@ -229,10 +233,13 @@ def info(
     json_out: options.Json = False,
 ) -> None:
     """Architecture, parameters and memory needs from config.json alone (no weight download)."""
+    from phimoe_cli.errors import UsageError
     from phimoe_cli.info_command import run_info
     from phimoe_cli.runtime import parse_size
 
-    run_info(model, revision=revision, offline=offline or None, context=context or 4096, json_out=json_out,
+    if model_arg is not None and model != options.DEFAULT_MODEL and model_arg != model:
+        raise UsageError(f"two models given: {model_arg!r} and --model {model!r}")
+    run_info(model_arg or model, revision=revision, offline=offline or None, context=context or 4096, json_out=json_out,
              plan=plan, quantize=quantize or "none", gpu_memory=parse_size(gpu_memory))
 
 

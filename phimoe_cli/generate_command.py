@@ -12,8 +12,9 @@ from phimoe_cli.runtime import open_engine, read_prompt
 
 
 def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingParams, max_new_tokens: int, stop,
-                 ignore_eos: bool, json_out: bool, verbose: bool, remote: Remote | None = None) -> int:
-    text = read_prompt(prompt)
+                 ignore_eos: bool, json_out: bool, verbose: bool, remote: Remote | None = None,
+                 no_stdin: bool = False) -> int:
+    text = read_prompt(prompt, stdin=_NoStdin() if no_stdin else None)
     params.validate()
     engine = open_engine(load, remote, on_retry=lambda line: sys.stderr.write(f"{line}\n"))
     messages = None if raw else ([{"role": "system", "content": system}] if system else []) + [
@@ -33,7 +34,7 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
             "text": res.text,
             "prompt_token_ids": res.prompt_token_ids,
             "token_ids": res.token_ids,
-            "finish_reason": res.finish_reason if res.finish_reason != "interrupted" else "length",
+            "finish_reason": res.finish_reason,
             "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
             "timings": {
                 "load_s": round(engine.load_s, 4),
@@ -59,3 +60,10 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
         sys.stderr.write("interrupted\n")
         return 130
     return 0
+
+
+class _NoStdin:
+    """--no-stdin: stdin as a terminal, never read."""
+
+    def isatty(self) -> bool:
+        return True

@@ -289,9 +289,9 @@ def test_slash_commands(model_dir, tmp_path):
     bad.write_text('{"format": "something else"}')
     chat = Chat(model_dir, tmp_path, "--plain", "-t", "0", "-n", "4", "--ignore-eos", "--no-history")
     found = chat.command("/help", *[re.escape(c) for c in
-                                    ("/help", "/exit", "/clear", "/system", "/set", "/show", "/save", "/load",
-                                     "/retry", "/undo", "/stats", "Esc Enter", "Ctrl+R")])
-    assert len(found) == 13
+                                    ("/help", "/exit", "/clear", "/system", "/set", "/show", "/save", "/save!",
+                                     "/load", "/retry", "/undo", "/stats", "Esc Enter", "Ctrl+R")])
+    assert len(found) == 14
     chat.command("/nope", r"unknown command /nope.*/help")
     chat.command("/set temperature hot", r"bad value for temperature: 'hot' is not a number")
     chat.command("/set top_p 2", r"bad value for top_p: top_p must be in \(0, 1\]")
@@ -327,13 +327,21 @@ def test_slash_commands(model_dir, tmp_path):
     data = json.loads(saved.read_text())
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["line one\nline two", "pasted\nlines"]
     assert data["sampling"]["top_k"] == 5 and data["sampling"]["seed"] is None
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    chat.command(f"/save {notes}", r"exists and is not a phimoe transcript: not overwritten")
+    chat.command(f"/save! {notes}", r"exists and is not a phimoe transcript: not overwritten")
+    assert notes.read_text() == "my notes\n"
+    chat.command(f"/save {saved}", re.escape(f"holds a saved conversation: /save! {saved} overwrites it"))
     chat.command("/undo", r"removed the last exchange; 1 turns left")
+    chat.command(f"/save! {saved}", "saved 3 messages")
+    assert len(json.loads(saved.read_text())["messages"]) == 3
     chat.command("/show", r"1 turns, 3 messages")
     chat.command("/clear", r"new conversation \(the system prompt stays\)")
     chat.command("/show", r"0 turns, 1 messages")
     chat.command(f"/load {tmp_path / 'missing.json'}", r"cannot read .*missing\.json")
     chat.command(f"/load {bad}", r"bad\.json is not a phimoe chat transcript")
-    chat.command(f"/load {saved}", r"line one", r"loaded .*saved\.json: 2 turns, 5 messages")
+    chat.command(f"/load {saved}", r"line one", r"loaded .*saved\.json: 1 turns, 3 messages")
     chat.command(f"/save {tmp_path / ('x' * 300)}.json", r"/save: .*name too long")  # a hint; the chat goes on
     chat.command("/save ~nosuchuser-phimoe/x.json", r"/save: ")
     chat.command("/load ~nosuchuser-phimoe/x.json", r"/load: |cannot read")

@@ -35,7 +35,8 @@ COMMANDS = {
     "/set": "/set NAME VALUE: temperature, top_k, top_p, min_p, repetition_penalty, seed (none = random), "
             "max_new_tokens; /set alone lists them",
     "/show": "model, settings, context, history and autosave files",
-    "/save": "/save [FILE]: write the conversation as JSON (default ./chat-DATE-TIME.json)",
+    "/save": "/save [FILE]: write the conversation as JSON (default ./chat-DATE-TIME.json; never over a file)",
+    "/save!": "/save! FILE: write it over an earlier transcript",
     "/load": "/load FILE: continue a saved conversation",
     "/retry": "generate the last reply again",
     "/undo": "remove the last exchange (your message and the reply)",
@@ -156,16 +157,31 @@ def cmd_show(s, arg: str) -> None:
     for k, v in rows:
         s.out(Text(f"  {k:<15}", style="cyan") + Text(v))
 
-def cmd_save(s, arg: str) -> None:
+def cmd_save(s, arg: str, overwrite: bool = False) -> None:
     path = Path(arg).expanduser() if arg else Path.cwd() / time.strftime("chat-%Y%m%d-%H%M%S.json")
     if path.is_dir():
         path = path / time.strftime("chat-%Y%m%d-%H%M%S.json")
+    if path.exists():
+        try:
+            Transcript.load(path)
+        except TranscriptError:
+            s.hint(f"{path} exists and is not a phimoe transcript: not overwritten; choose another name")
+            return
+        if not overwrite:
+            s.hint(f"{path} holds a saved conversation: /save! {arg} overwrites it")
+            return
     try:
         s.transcript().save(path)
     except TranscriptError as exc:
         s.hint(str(exc))
         return
     s.note(f"saved {len(s.conv.messages)} messages to {path}")
+
+def cmd_save_over(s, arg: str) -> None:
+    if not arg:
+        s.hint("/save! FILE")
+        return
+    cmd_save(s, arg, overwrite=True)
 
 def cmd_load(s, arg: str) -> None:
     if not arg:
@@ -252,7 +268,8 @@ def _parse_setting(key: str, raw: str):
 
 HANDLERS = {
     "/exit": cmd_exit, "/help": cmd_help, "/clear": cmd_clear, "/system": cmd_system, "/set": cmd_set,
-    "/show": cmd_show, "/save": cmd_save, "/load": cmd_load, "/retry": cmd_retry, "/undo": cmd_undo,
+    "/show": cmd_show, "/save": cmd_save, "/save!": cmd_save_over,
+    "/load": cmd_load, "/retry": cmd_retry, "/undo": cmd_undo,
     "/stats": cmd_stats,
 }
 assert set(HANDLERS) == set(COMMANDS)
