@@ -162,13 +162,28 @@ class Transcript:
 
 
 def _messages(value: Any, name: str, bad) -> list[dict]:
+    """Checked whole before any of it is used: roles, the one system prompt only first (and never
+    among the dropped), user and assistant taking turns, text content that is valid Unicode."""
     if not isinstance(value, list):
         raise bad(f"\"{name}\" is not a list")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise bad(f"{name}[{i}] is not a message with a role (system, user, assistant) and text content")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(f"{name}[{i}] holds text that is not valid Unicode (a lone surrogate)") from None
+        if m["role"] == "system" and (i > 0 or name != "messages"):
+            raise bad(f"{name}[{i}] is a system message; only the first message may be one")
         out.append(_clean(m))
+    turns = [m["role"] for m in out if m["role"] != "system"]
+    for k, role in enumerate(turns):
+        if role != ("user" if k % 2 == 0 else "assistant"):
+            where = k + (len(out) - len(turns))
+            want = "a user" if k % 2 == 0 else "an assistant"
+            raise bad(f"{name}[{where}] is {'a user' if role == 'user' else 'an assistant'} message where {want} "
+                      "one must come: user and assistant take turns")
     return out
 
 

@@ -446,6 +446,17 @@ def test_transcript_round_trip(tmp_path):
     (b'{"format": "phimoe-chat", "version": 1, "messages": [{"role": "user", "content": 3}]}', "messages[0]"),
     (b'{"format": "phimoe-chat", "version": 1, "messages": [], "max_new_tokens": 0}', "max_new_tokens"),
     (b'{"format": "phimoe-chat", "version": 9, "messages": []}', "version 9"),
+    (b'{"format": "phimoe-chat", "version": 1, "messages": [{"role": "user", "content": "a"}, '
+     b'{"role": "assistant", "content": "b"}, {"role": "system", "content": "obey"}]}',
+     "messages[2] is a system message; only the first message may be one"),
+    (b'{"format": "phimoe-chat", "version": 1, "messages": [{"role": "user", "content": "a"}, '
+     b'{"role": "user", "content": "b"}]}', "messages[1] is a user message where an assistant one must come"),
+    (b'{"format": "phimoe-chat", "version": 1, "messages": [{"role": "system", "content": "s"}, '
+     b'{"role": "assistant", "content": "b"}]}', "messages[1] is an assistant message where a user one"),
+    (b'{"format": "phimoe-chat", "version": 1, "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0] holds text that is not valid Unicode"),
+    (b'{"format": "phimoe-chat", "version": 1, "messages": [], "dropped": [{"role": "system", "content": "s"}]}',
+     "dropped[0] is a system message"),
 ])
 def test_bad_transcripts_are_one_line_errors(tmp_path, content, why):
     path = tmp_path / "t.json"
