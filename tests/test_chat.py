@@ -589,3 +589,26 @@ def test_plain_stream_is_raw_text():
         stream.feed(piece)
     stream.finish()
     assert out.getvalue() == "# not rendered\n**x**\n"
+
+
+def test_resume_without_model_uses_the_transcripts(model_dir, tmp_path):
+    """`--resume` with no --model continues with the model the conversation was with (its directory,
+    else its id), not the default hub model; the same answer as naming it."""
+    from phimoe_cli.transcript import Transcript
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for path in (str(model_dir), str(tmp_path / "moved-away")):
+        file = Transcript(messages=messages, model={"id": str(model_dir), "path": path, "dtype": "float32"}).save(
+            tmp_path / "t.json")
+        env = {"PHIMOE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+        resumed = run_phimoe("chat", "--resume", file, "-t", "0", "-n", 4, "--ignore-eos", input="More", env=env)
+        named = run_phimoe("chat", "--resume", file, "-m", model_dir, "-t", "0", "-n", 4, "--ignore-eos",
+                           input="More", env=env)
+        assert resumed.returncode == 0, resumed.stderr.decode()
+        assert resumed.stdout == named.stdout and resumed.stdout.strip()
+    chats = tmp_path / "home" / "chats"
+    chats.mkdir(parents=True)
+    Transcript(messages=messages, model={"id": str(model_dir)}).save(chats / "20990101-000000-1.json")
+    last = run_phimoe("chat", "--resume", "last", "-t", "0", "-n", 4, "--ignore-eos", input="More",
+                      env={"PHIMOE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
+    assert last.returncode == 0 and last.stdout == named.stdout, last.stderr.decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from phimoe_cli.chat.conversation import OVERFLOW_POLICIES, ContextOverflow, lat
 from phimoe_cli.chat.input import make_prompt_session
 from phimoe_cli.chat.session import ChatSession
 from phimoe_cli.errors import UsageError
-from phimoe_cli.options import LoadOptions, Remote
+from phimoe_cli.options import DEFAULT_MODEL, LoadOptions, Remote
 from phimoe_cli.params import GenerationError
 from phimoe_cli.runtime import open_engine, read_prompt
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_file
@@ -36,6 +37,8 @@ def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_t
             transcript = Transcript.load(resume_path)
         except TranscriptError as exc:
             raise UsageError(str(exc)) from None
+    if transcript is not None:
+        load, remote = _resumed_model(transcript.model, load, remote)
     settings = resolve_settings(dict(sampling, max_new_tokens=max_new_tokens), transcript)
     try:
         settings.params.validate()
@@ -77,3 +80,23 @@ def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_t
             return 130
         return 0
     return session.repl(make_prompt_session(history_path))
+
+
+def _resumed_model(saved: dict, load: LoadOptions, remote: Remote | None) -> tuple[LoadOptions, Remote | None]:
+    """With --resume and no --model (nor --base-url): the transcript's model, as it was loaded (its
+    directory if it is still there, else its id and revision; its dtype and quantization unless the
+    command line says otherwise), or the server it was served by."""
+    if load.model != DEFAULT_MODEL or (remote is not None and remote.base_url) or not saved.get("id"):
+        return load, remote
+    if saved.get("base_url"):
+        return replace(load, model=saved["id"]), Remote(saved["base_url"], remote.api_key if remote else None)
+    path = saved.get("path")
+    local = isinstance(path, str) and Path(path).is_dir()
+    changes = {"model": path if local else saved["id"]}
+    if not local and load.revision is None and saved.get("revision"):
+        changes["revision"] = saved["revision"]
+    if load.dtype == "auto" and saved.get("dtype") in ("bfloat16", "float16", "float32"):
+        changes["dtype"] = saved["dtype"]
+    if load.quantize == "none" and saved.get("quantization") in ("int8", "nf4", "fp4"):
+        changes["quantize"] = saved["quantization"]
+    return replace(load, **changes), remote
