@@ -612,3 +612,26 @@ def test_resume_without_model_uses_the_transcripts(model_dir, tmp_path):
     last = run_phimoe("chat", "--resume", "last", "-t", "0", "-n", 4, "--ignore-eos", input="More",
                       env={"PHIMOE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
     assert last.returncode == 0 and last.stdout == named.stdout, last.stderr.decode()
+
+
+def test_a_failing_autosave_is_not_forgotten(model_dir, tmp_path):
+    chat = Chat(model_dir, tmp_path, "-t", "0", "-n", 3, "--ignore-eos", env={"PHIMOE_HOME": "/proc/phimoe-nope"})
+    chat.line("hello")
+    chat.expect("autosave failed")
+    chat.expect(PROMPT)
+    chat.command("/show", r"autosave\s+off: it failed")
+    chat.child.sendcontrol("d")
+    chat.expect(r"this conversation is not saved \(autosave failed: .*\): /save FILE keeps it")
+    chat.expect(PROMPT)
+    assert chat.child.isalive()
+    chat.child.sendcontrol("d")
+    chat.expect("this conversation was not saved")
+    assert chat.quit() == 0
+
+
+def test_save_by_hand_after_a_failing_autosave_lets_you_quit(model_dir, tmp_path):
+    chat = Chat(model_dir, tmp_path, "-t", "0", "-n", 3, "--ignore-eos", env={"PHIMOE_HOME": "/proc/phimoe-nope"})
+    chat.ask("hello")
+    chat.command(f"/save {tmp_path / 'kept.json'}", "saved 2 messages")
+    assert chat.quit() == 0
+    assert "not saved" not in chat.text and (tmp_path / "kept.json").exists()

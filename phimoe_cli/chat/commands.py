@@ -151,7 +151,8 @@ def cmd_show(s, arg: str) -> None:
         ("conversation", f"{s.conv.turns} turns, {len(s.conv.messages)} messages"
                          + (f" ({len(s.conv.dropped)} dropped to fit)" if s.conv.dropped else "")),
         ("history", str(s.history_path) if s.history_path else "off"),
-        ("autosave", str(s.saver.path) if s.saver.path
+        ("autosave", f"off: it failed ({' '.join(s.saver.error.split())})" if s.saver.error
+         else "off" if not s.saver.enabled else str(s.saver.path) if s.saver.path
          else f"{data_dir() / 'chats'} (after the first reply)"),
     ]
     for k, v in rows:
@@ -176,6 +177,7 @@ def cmd_save(s, arg: str, overwrite: bool = False) -> None:
         s.hint(str(exc))
         return
     s.note(f"saved {len(s.conv.messages)} messages to {path}")
+    s.saver.error = None  # kept by hand: quitting now loses nothing
 
 def cmd_save_over(s, arg: str) -> None:
     if not arg:

@@ -71,6 +71,7 @@ class ChatSession:
         self.history_path = history_path
         self.saver = Autosave()
         self.created = None
+        self._warned_unsaved = False
 
     # -- output helpers --------------------------------------------------------------------------
 
@@ -277,20 +278,33 @@ class ChatSession:
                 self.note("(the line was cleared; /exit or Ctrl+D quits)")
                 continue
             except EOFError:
-                break
+                if self._may_quit():
+                    break
+                continue
             if not line.strip():
                 continue
             stripped = line.strip()
             if stripped.startswith("/") and not stripped.startswith("//"):
-                if not run_command(self, stripped):
+                if not run_command(self, stripped) and self._may_quit():
                     break
                 continue
             if stripped.startswith("//"):
                 line = line.lstrip()[1:]
             self._reply_or_hint(line)
-        if self.saver.path is not None and self.saver.error is None:
+        if self.saver.error is not None and self.conv.turns:
+            self.hint(f"this conversation was not saved (autosave failed: {self.saver.error})")
+        elif self.saver.path is not None:
             self.note(f"conversation saved: phimoe chat --resume {self.saver.path}")
         return 0
+
+    def _may_quit(self) -> bool:
+        """False once when the autosave failed: say so, and how to keep the conversation."""
+        if self.saver.error is None or not self.conv.turns or self._warned_unsaved:
+            return True
+        self._warned_unsaved = True
+        self.hint(f"this conversation is not saved (autosave failed: {' '.join(self.saver.error.split())}): "
+                  "/save FILE keeps it; quit again to leave without it")
+        return False
 
 
 def replay(session: ChatSession) -> None:
