@@ -111,8 +111,11 @@ def open_engine(options: LoadOptions, remote=None, context: int | None = None, o
         return RemoteEngine(remote.base_url, remote.api_key, model, context_length=context, on_retry=on_retry)
     from phimoe_cli.engine import LocalEngine
 
-    loaded = load(options)
-    max_ctx = loaded.model.config.max_position_embeddings
-    if context is not None and context > max_ctx:
-        raise UsageError(f"--context {context} is more than the model's {max_ctx} tokens")
-    return LocalEngine(loaded, context_length=context)
+    if context is not None:  # refuted by config.json alone: say so before the weights load (minutes)
+        from phimoe_cli.hub import resolve_config
+        from phimoe_cli.model.loading import load_config
+
+        config = load_config(resolve_config(options.model, revision=options.revision, offline=options.offline))
+        if context > config.max_position_embeddings:
+            raise UsageError(f"--context {context} is more than the model's {config.max_position_embeddings} tokens")
+    return LocalEngine(load(options), context_length=context)

@@ -635,3 +635,16 @@ def test_save_by_hand_after_a_failing_autosave_lets_you_quit(model_dir, tmp_path
     chat.command(f"/save {tmp_path / 'kept.json'}", "saved 2 messages")
     assert chat.quit() == 0
     assert "not saved" not in chat.text and (tmp_path / "kept.json").exists()
+
+
+def test_a_context_beyond_the_model_is_refused_before_loading(model_dir, tmp_path):
+    """config.json alone refutes --context: the weights are not read (here they are not even there)."""
+    import shutil
+
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors") and f.is_file():
+            shutil.copy(f, bare / f.name)
+    out = run_phimoe("chat", "-m", bare, "--context", 5000, input="hi")
+    assert out.returncode == 2 and out.stderr.decode() == "error: --context 5000 is more than the model's 1024 tokens\n"
