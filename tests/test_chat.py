@@ -648,3 +648,49 @@ def test_a_context_beyond_the_model_is_refused_before_loading(model_dir, tmp_pat
             shutil.copy(f, bare / f.name)
     out = run_phimoe("chat", "-m", bare, "--context", 5000, input="hi")
     assert out.returncode == 2 and out.stderr.decode() == "error: --context 5000 is more than the model's 1024 tokens\n"
+
+
+def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
+    """What the terminal shows (a real terminal emulator, pyte) after Ctrl+C in a reply taller than
+    one line: the tty used to echo "^C" at the end of a full line, which wrapped it, and the live
+    area, erased by counting lines, left its first line on screen twice."""
+    import pexpect
+    import pyte
+
+    rows, cols = 40, 120
+    screen = pyte.HistoryScreen(cols, rows, history=5000)
+    feed = pyte.ByteStream(screen)
+    env = dict(os.environ, PHIMOE_HOME=str(tmp_path), TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1",
+               PHIMOE_NO_HISTORY="1")
+    child = pexpect.spawn(PHIMOE[0], [*PHIMOE[1:], "chat", "-m", str(model_dir), "--ignore-eos", "-n", "900",
+                                      "-t", "0"], env=env, dimensions=(rows, cols), preexec_fn=default_sigint)
+
+    def pump(seconds, until=None):
+        end = time.monotonic() + seconds
+        seen = b""
+        while time.monotonic() < end:
+            try:
+                data = child.read_nonblocking(65536, timeout=0.1)
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                break
+            seen += data
+            feed.feed(data)
+            if until and until in seen:
+                return
+
+    pump(60, until=b">>>")
+    child.send("Tell me a long story\r")
+    pump(1.5)
+    child.sendcontrol("c")
+    pump(30, until=b"context ")
+    pump(1)
+    history = ["".join(line[j].data for j in range(cols)).rstrip() for line in screen.history.top]
+    lines = [line for line in [*history, *(d.rstrip() for d in screen.display)] if line]
+    reply = lines[lines.index(next(x for x in lines if x.startswith(">>> Tell me"))) + 1 :]
+    body = reply[: next(i for i, x in enumerate(reply) if x.startswith("[interrupted"))]
+    assert len(body) >= 3, lines  # the reply filled several lines before Ctrl+C
+    assert len(set(body)) == len(body), body  # no line twice
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF, timeout=60)

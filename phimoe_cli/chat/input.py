@@ -3,6 +3,7 @@ new line."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -55,3 +56,31 @@ def make_prompt_session(history_path: Path | None):
         key_bindings=bindings, multiline=False, prompt_continuation=CONTINUATION,
         enable_history_search=False, output=output,
     )
+
+
+@contextlib.contextmanager
+def no_echo(stream=None):
+    """While a reply streams: the terminal does not echo what is typed (nor ^C). An echoed "^C" at
+    the end of a full line wraps it, and the live reply area, erased by counting lines, would then
+    leave its first line behind. Typed keys stay buffered for the next prompt."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    new = list(old)
+    new[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(fd, termios.TCSANOW, old)

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from phimoe_cli.chat.commands import PROMPT, run_command
 from phimoe_cli.chat.conversation import ContextOverflow, Conversation, SessionStats, Settings, TurnStats
+from phimoe_cli.chat.input import no_echo
 from phimoe_cli.chat_render import MarkdownStream, PlainStream
 from phimoe_cli.engine import Request
 from phimoe_cli.errors import PhimoeError
@@ -145,9 +146,10 @@ class ChatSession:
         interrupted, failure = False, None
         shown: list[str] = []
         try:
-            for piece in pieces:
-                shown.append(piece)
-                stream.feed(piece)
+            with no_echo() if isinstance(stream, MarkdownStream) else contextlib.nullcontext():
+                for piece in pieces:
+                    shown.append(piece)
+                    stream.feed(piece)
         except KeyboardInterrupt:  # Ctrl+C while we were drawing, not generating
             interrupted = True
         except PhimoeError as exc:  # the stream was cut: keep what came, marked interrupted
