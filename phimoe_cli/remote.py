@@ -162,6 +162,9 @@ class RemoteEngine:
         def pieces() -> Iterator[str]:
             try:
                 for event in _events(response, url):
+                    if request.cancelled is not None and request.cancelled():
+                        got["finish"] = "interrupted"
+                        return
                     if event.get("usage"):
                         got["usage"] = event["usage"]
                     for choice in event.get("choices") or []:
@@ -183,7 +186,7 @@ class RemoteEngine:
             usage = got["usage"] or {}
             n = int(usage.get("completion_tokens") or 0)
             first, last = got["first"], got["last"]
-            reason = "interrupted" if interrupted else (got["finish"] or "stop")
+            reason = "interrupted" if interrupted else (got["finish"] or "stop")  # (cancelled: "interrupted")
             if reason not in ("stop", "length", "interrupted"):
                 reason = "stop"
             prompt_tokens = int(usage.get("prompt_tokens") or 0)

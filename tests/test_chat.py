@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import time
 from pathlib import Path
@@ -694,3 +695,27 @@ def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
     assert len(set(body)) == len(body), body  # no line twice
     child.sendcontrol("d")
     child.expect(pexpect.EOF, timeout=60)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_mid_reply_saves_the_turn(model_dir, tmp_path, sig):
+    """The reply in flight ends as Ctrl+C would: the live display is torn down (the cursor shown
+    again), the user's message and the partial reply (interrupted) are autosaved, then the chat exits."""
+    chat = Chat(model_dir, tmp_path, "-t", "0", "-n", 900, "--ignore-eos")
+    chat.line("Tell me a long story")
+    time.sleep(1.5)
+    chat.child.kill(sig)
+    deadline = time.monotonic() + 30
+    while chat.child.isalive() and time.monotonic() < deadline:
+        chat._read(0.2)
+    while chat._read(0.05):
+        pass
+    assert not chat.child.isalive()
+    chat.child.close()
+    assert chat.child.exitstatus == 128 + sig
+    saved = list((tmp_path / "chats").glob("*.json"))
+    assert len(saved) == 1
+    messages = json.loads(saved[0].read_text())["messages"]
+    assert messages[0] == {"role": "user", "content": "Tell me a long story"}
+    assert messages[1]["role"] == "assistant" and messages[1]["interrupted"] and messages[1]["content"]
+    assert chat.raw.rfind("\x1b[?25h") > chat.raw.rfind("\x1b[?25l")  # the cursor is visible again

@@ -73,6 +73,8 @@ class ChatSession:
         self.saver = Autosave()
         self.created = None
         self._warned_unsaved = False
+        self._busy = False  # a reply is streaming or being recorded: a signal only sets the flag
+        self.terminating: int | None = None  # SIGTERM / SIGHUP received
 
     # -- output helpers --------------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class ChatSession:
         stream = PlainStream(out or sys.stdout) if (self.plain or out is not None) else MarkdownStream(self.console)
         interrupted, failure = False, None
         shown: list[str] = []
+        self._busy = True
         try:
             with no_echo() if isinstance(stream, MarkdownStream) else contextlib.nullcontext():
                 for piece in pieces:
@@ -154,7 +157,7 @@ class ChatSession:
             interrupted = True
         except PhimoeError as exc:  # the stream was cut: keep what came, marked interrupted
             interrupted, failure = True, exc
-        # From here on the turn is recorded whatever happens: a second Ctrl+C waits.
+        # From here on the turn is recorded whatever happens: a second Ctrl+C (or SIGTERM) waits.
         old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
         try:
             if interrupted:
@@ -162,7 +165,7 @@ class ChatSession:
             res = pieces.completion
             interrupted = interrupted or res.finish_reason == "interrupted"
             reply_text = "".join(shown)
-            with contextlib.suppress(KeyboardInterrupt):
+            with contextlib.suppress(KeyboardInterrupt, OSError):  # OSError: the terminal is gone (SIGHUP)
                 stream.finish()
             if failure is not None and not reply_text:
                 if text is not None:
@@ -178,12 +181,13 @@ class ChatSession:
                 recomputed=res.recomputed,
             )
             self.stats.add(turn, res.prefill_s, res.decode_s)
+            self.autosave()  # before anything is printed: the terminal may be gone
             if show_stats:
                 if interrupted:
                     self.note("[interrupted: the partial reply is kept; /retry for a new one]", "yellow")
                 self.note(stats_line(self, turn))
-            self.autosave()
         finally:
+            self._busy = False
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
         if failure is not None:
@@ -195,7 +199,7 @@ class ChatSession:
         are; when the server says they do not fit, the oldest turns are dropped (or ContextOverflow)."""
         s = self.settings
         request = Request(params=s.params, max_new_tokens=s.max_new_tokens, stop=self.stop,
-                          ignore_eos=self.ignore_eos)
+                          ignore_eos=self.ignore_eos, cancelled=lambda: self.terminating is not None)
         if prompt is not None:
             request.token_ids = prompt
             return self.engine.generate(request)
@@ -273,10 +277,29 @@ class ChatSession:
             f"phimoe chat · {d['id']} · {where} · context {self.context_length or '?'} · "
             f"/help for help, Ctrl+D quits"
         )
+        previous = {sig: signal.signal(sig, self._on_terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return self._loop(prompt_session)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_terminate(self, signum, frame) -> None:
+        """SIGTERM / SIGHUP: the reply in flight stops before its next token (``Request.cancelled``)
+        and is recorded and saved like one stopped by Ctrl+C; then the chat leaves. At the prompt:
+        leave now."""
+        first = self.terminating is None
+        self.terminating = signum
+        if first and not self._busy:
+            raise KeyboardInterrupt
+
+    def _loop(self, prompt_session) -> int:
         while True:
             try:
                 line = prompt_session.prompt()
             except KeyboardInterrupt:
+                if self.terminating:
+                    break
                 self.note("(the line was cleared; /exit or Ctrl+D quits)")
                 continue
             except EOFError:
@@ -293,6 +316,13 @@ class ChatSession:
             if stripped.startswith("//"):
                 line = line.lstrip()[1:]
             self._reply_or_hint(line)
+            if self.terminating:
+                break
+        if self.terminating:
+            with contextlib.suppress(OSError):
+                self.note(f"terminated ({signal.Signals(self.terminating).name}); the conversation is saved"
+                          + (f": phimoe chat --resume {self.saver.path}" if self.saver.path else ""))
+            return 128 + self.terminating
         if self.saver.error is not None and self.conv.turns:
             self.hint(f"this conversation was not saved (autosave failed: {self.saver.error})")
         elif self.saver.path is not None:
