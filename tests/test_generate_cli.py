@@ -184,6 +184,29 @@ def test_ctrl_c_keeps_the_output_and_exits_130(model_dir):
     assert b"Traceback" not in err
 
 
+def test_ctrl_c_with_json_says_interrupted(tmp_path):
+    from conftest import make_model_dir
+
+    long = make_model_dir(tmp_path / "long", max_position_embeddings=1 << 17, sliding_window=1 << 17)
+    proc = subprocess.Popen([*PHIMOE, "generate", "-m", long, "-n", "100000", "--ignore-eos", "--json", "Go"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
+    time.sleep(10)  # loaded (2-5 s) and generating: 100000 tokens take minutes
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    data = json.loads(out)
+    assert data["finish_reason"] == "interrupted" and data["token_ids"]
+
+
+def test_no_stdin_leaves_stdin_alone(model_dir):
+    """--no-stdin in a `while read` loop: each call answers its PROMPT and the loop sees every line."""
+    script = (f'while read -r q; do {" ".join(PHIMOE)} generate -m "{model_dir}" --no-stdin -t 0 -n 2 '
+              '--ignore-eos "$q" > /dev/null && echo "done $q"; done')
+    out = subprocess.run(["bash", "-c", script], input=b"one\ntwo\nthree\n", capture_output=True, timeout=300)
+    assert out.stdout.decode().split("\n")[:3] == ["done one", "done two", "done three"], out.stderr.decode()
+
+
 def test_info_from_config_alone(tmp_path, model_dir):
     only = tmp_path / "config-only"
     only.mkdir()
@@ -207,6 +230,9 @@ def test_info_from_config_alone(tmp_path, model_dir):
     assert data["memory"]["bfloat16"]["bytes"] == 2 * total
     r = run_phimoe("info", only)
     assert r.returncode == 0 and "active per token" in r.stdout.decode()
+    assert run_phimoe("info", "--model", only).stdout == r.stdout  # -m/--model, as every command takes
+    r = run_phimoe("info", only, "-m", model_dir)
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: two models given")
 
 
 def test_info_published_shape(tmp_path):
