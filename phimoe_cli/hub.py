@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -178,7 +179,14 @@ def download_model(
     repo = os.fspath(repo).strip() if repo is not None else ""
     if repo and is_local_path(repo):
         raise HubError(f"'{repo}' is a local path: `download` takes a Hugging Face repo id (org/name)", exit_code=2)
-    return resolve_model(repo, revision, offline, token, progress, cache_dir=cache_dir)
+    try:
+        return resolve_model(repo, revision, offline, token, progress, cache_dir=cache_dir)
+    except HubError as exc:  # the hint to run `phimoe download` is no help to `phimoe download`
+        text = re.sub(r"(download it first|finish the download) with `phimoe download [^`]*` while online",
+                      "run it again while online (without --offline / HF_HUB_OFFLINE=1)", str(exc))
+        if text == str(exc):
+            raise
+        raise HubError(text, exit_code=exc.exit_code) from None
 
 
 # --------------------------------------------------------------------------------------------

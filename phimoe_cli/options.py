@@ -75,12 +75,13 @@ Temperature = Annotated[float | None, typer.Option(
 TopK = Annotated[int | None, typer.Option(
     "--top-k", min=0, show_default=False, rich_help_panel=_SAMPLING,
     help=f"Keep the k best tokens, 0 = off (default {_DEFAULTS.top_k}).")]
+# (no min/max here: click can show only closed ranges, and these are half-open; SamplingParams checks)
 TopP = Annotated[float | None, typer.Option(
-    "--top-p", min=0.0, max=1.0, show_default=False, rich_help_panel=_SAMPLING,
-    help=f"Nucleus sampling, 1 = off (default {_DEFAULTS.top_p}).")]
+    "--top-p", show_default=False, rich_help_panel=_SAMPLING,
+    help=f"Nucleus sampling, in (0, 1]; 1 = off (default {_DEFAULTS.top_p}).")]
 MinP = Annotated[float | None, typer.Option(
-    "--min-p", min=0.0, max=1.0, show_default=False, rich_help_panel=_SAMPLING,
-    help=f"Drop tokens below min_p x the best, 0 = off (default {_DEFAULTS.min_p}).")]
+    "--min-p", show_default=False, rich_help_panel=_SAMPLING,
+    help=f"Drop tokens below min_p x the best, in [0, 1); 0 = off (default {_DEFAULTS.min_p}).")]
 RepetitionPenalty = Annotated[float | None, typer.Option(
     "--repetition-penalty", show_default=False, rich_help_panel=_SAMPLING,
     help=f"> 1 discourages repeats, 1 = off (default {_DEFAULTS.repetition_penalty}).")]

@@ -270,3 +270,14 @@ def test_download_without_network_is_one_line(tmp_path):
     r = run_phimoe("download", "someone/absent", env=env, timeout=60)
     lines = one_error_line(r, 1)
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_help_ranges_are_what_validation_accepts(model_dir):
+    helptext = run_phimoe("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    assert "in (0, 1]" in helptext and "in [0, 1)" in helptext and "0.0<=x<=1.0" not in helptext
+    cases = (("--top-p", "0", "top_p must be in (0, 1]"), ("--min-p", "1", "min_p must be in [0, 1)"))
+    for option, value, why in cases:
+        for command in ("generate", "chat"):
+            out = run_phimoe(command, "-m", model_dir, option, value, *(["hi"] if command == "generate" else []),
+                             input="hi")
+            assert out.returncode == 2 and out.stderr.decode() == f"error: {why}, got {float(value)}\n", out.stderr

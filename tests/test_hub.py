@@ -556,3 +556,11 @@ def test_repo_without_safetensors(fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add("org/pickles", {"config.json": CONFIG, "pytorch_model.bin": b"pickle!"})
     res = run_hub(_net_env(tmp_path / "hub", fake_hub.url), model="org/pickles")
     assert "has no safetensors weights" in res["error"] and "\n" not in res["error"]
+
+
+def test_download_offline_does_not_advise_download(tmp_path: Path) -> None:
+    from phimoe_cli.hub import download_model
+
+    with pytest.raises(HubError) as info:
+        download_model("org/missing", offline=True, cache_dir=tmp_path / "empty")
+    assert "phimoe download" not in str(info.value) and "run it again while online" in str(info.value)

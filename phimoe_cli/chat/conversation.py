@@ -236,6 +236,10 @@ class Settings:
 
 def resolve_settings(cli: dict, transcript: Transcript | None) -> Settings:
     """Sampling settings: the command line's, else the transcript's, else the defaults."""
+    try:
+        sampling(cli).validate()  # the command line's own values first: an error names no transcript
+    except GenerationError as exc:
+        raise UsageError(str(exc)) from None
     params = sampling(cli, dict(transcript.sampling) if transcript else None)
     try:
         params.validate()
