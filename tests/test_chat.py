@@ -719,3 +719,10 @@ def test_sigterm_or_sighup_mid_reply_saves_the_turn(model_dir, tmp_path, sig):
     assert messages[0] == {"role": "user", "content": "Tell me a long story"}
     assert messages[1]["role"] == "assistant" and messages[1]["interrupted"] and messages[1]["content"]
     assert chat.raw.rfind("\x1b[?25h") > chat.raw.rfind("\x1b[?25l")  # the cursor is visible again
+
+
+def test_a_full_context_is_never_counted_past_its_size(model_dir, tmp_path):
+    chat = Chat(model_dir, tmp_path, "--plain", "-t", "0", "-n", "1000", "--ignore-eos", "--context", "40")
+    m = chat.ask("hi")
+    assert (int(m.group(2)), int(m.group(3))) == (40, 40) and "context full" in chat.text
+    assert chat.quit() == 0

@@ -97,7 +97,8 @@ class ChatSession:
             last = self.stats.last
             return last.prompt_tokens + last.completion_tokens if last and self.conv.messages else 0
         if self.conv.known_count == len(self.conv.messages) and self.conv.known:
-            return len(self.conv.known)
+            # what the model has seen: the closing <|end|> after the last reply comes with the next prompt
+            return len(self.conv.known) - len(self.conv.closing or [])
         if not self.conv.messages:
             return 0
         return len(self.conv.prompt_ids())
