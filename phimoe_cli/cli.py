@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -102,9 +103,19 @@ def quantize(
     quant = quantize or "nf4"
     if quant == "none":
         raise typer.BadParameter("choose int8, nf4 or fp4", param_hint="--quantize")
+    from phimoe_cli.errors import UsageError
+
+    target = Path(out).expanduser()
+    try:  # before minutes of loading and quantizing: can OUT be written?
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
     path = resolve_model(model, revision=revision, offline=offline or None)
     net = load_model(path, dtype=dtype, quantize=quant, quantize_attention=quantize_attention)
-    typer.echo(str(save_quantized(net, path, out)))
+    try:
+        typer.echo(str(save_quantized(net, path, target)))
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
 
 
 @app.command(name="eval")

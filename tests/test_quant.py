@@ -193,3 +193,11 @@ def test_quantize_and_eval_commands(tmp_path, model_dir):
     assert set(data) == {"quantize", "tokens", "kl", "top1_agreement", "perplexity", "perplexity_reference"}
     assert 0 <= data["kl"] < 0.05 and data["top1_agreement"] > 0.8
     assert b"Failed to load" not in r.stderr  # bitsandbytes' optional-kernel warning stays quiet
+
+
+def test_quantize_to_an_unwritable_place_is_one_line_before_any_work(model_dir, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for out in ("/proc/phimoe-nope/out", afile):
+        r = run_phimoe("quantize", model_dir, out, "-q", "int8")
+        assert r.returncode == 2 and r.stderr.decode().startswith(f"error: cannot write {out}: "), r.stderr
