@@ -14,7 +14,14 @@ app = typer.Typer(
     name="phimoe",
     help="Chat with Microsoft's Phi-3.5-MoE-instruct on your own hardware.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    epilog=("Examples:\n\n"
+            "phimoe chat -q nf4                        a conversation (4-bit experts)\n\n"
+            "phimoe generate -t 0 \"Name a river\"      one reply on stdout\n\n"
+            "git diff | phimoe generate - -s \"Review this.\"\n\n"
+            "phimoe serve --port 8000                  an OpenAI-compatible API\n\n"
+            "phimoe chat --base-url http://host:8000/v1   a model served elsewhere\n\n"
+            "phimoe info --plan                        what the model needs here"),
     pretty_exceptions_enable=False,
 )
 

@@ -281,3 +281,11 @@ def test_help_ranges_are_what_validation_accepts(model_dir):
             out = run_phimoe(command, "-m", model_dir, option, value, *(["hi"] if command == "generate" else []),
                              input="hi")
             assert out.returncode == 2 and out.stderr.decode() == f"error: {why}, got {float(value)}\n", out.stderr
+
+
+def test_root_help_has_examples_and_shell_completion():
+    out = run_phimoe("--help", env={"COLUMNS": "200"})
+    text = out.stdout.decode()
+    assert out.returncode == 0 and "--install-completion" in text and "Examples:" in text
+    script = run_phimoe("--show-completion", "bash", env={"COLUMNS": "200", "SHELL": "/bin/bash"})
+    assert script.returncode == 0 and "complete" in script.stdout.decode()
