@@ -57,6 +57,7 @@ class Completion:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     recomputed: bool = False  # the whole context was computed again once (the LongRoPE boundary)
+    recomputed_in_prompt: bool = False  # ... because the prompt itself crossed it (nothing reused)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
 
     @property
@@ -211,16 +212,19 @@ class LocalEngine:
         def finish(interrupted: bool) -> Completion:
             res = gen.result
             self.caches.trim()  # the cache grew with the reply
+            recomputed = bool(not long_before and cache.long_rope
+                              and (res.prompt_tokens > res.prefill_tokens or res.decode_steps))
+            # a prompt that itself crosses LongRoPE's boundary is computed whole: nothing was reused
+            in_prompt = recomputed and len(ids) > self.loaded.model.config.original_max_position_embeddings
             return Completion(
                 text=res.text if not interrupted else "".join(stream.text), token_ids=list(res.token_ids),
                 prompt_token_ids=ids,
                 finish_reason="interrupted" if interrupted else res.finish_reason,
-                prompt_tokens=len(ids), cached_tokens=len(ids) - res.prefill_tokens,
+                prompt_tokens=len(ids), cached_tokens=0 if in_prompt else len(ids) - res.prefill_tokens,
                 completion_tokens=len(res.token_ids), time_to_first_token_s=res.time_to_first_token_s,
                 prefill_tokens_per_s=res.prefill_tokens_per_s, decode_tokens_per_s=res.decode_tokens_per_s,
                 prefill_s=res.prefill_s, decode_s=res.decode_s,
-                recomputed=bool(not long_before and cache.long_rope
-                                and (res.prompt_tokens > res.prefill_tokens or res.decode_steps)),
+                recomputed=recomputed, recomputed_in_prompt=in_prompt,
                 logprobs=list(res.logprobs) if request.logprobs is not None else None,
             )
 

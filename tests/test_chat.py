@@ -726,3 +726,18 @@ def test_a_full_context_is_never_counted_past_its_size(model_dir, tmp_path):
     m = chat.ask("hi")
     assert (int(m.group(2)), int(m.group(3))) == (40, 40) and "context full" in chat.text
     assert chat.quit() == 0
+
+
+def test_stats_after_the_prompt_crosses_the_longrope_boundary(model_dir, tmp_path):
+    """Turn 2's prompt crosses the fixture's 64-token boundary: all of it is computed with the long
+    factors, and /stats says so instead of claiming tokens reused from the cache."""
+    chat = Chat(model_dir, tmp_path, "--plain", "-t", "0", "-n", "10", "--ignore-eos")
+    chat.ask("Hi")
+    first = last_stats(chat)
+    assert not first["recomputed"]
+    chat.ask("word " * 60)
+    second = last_stats(chat)
+    assert second["prompt"] > 64 and second["recomputed"]
+    assert second["prefill"] == second["prompt"] and second["reused"] == 0
+    assert "the prompt crossed the LongRoPE boundary: recomputed whole" in chat.text
+    assert chat.quit() == 0

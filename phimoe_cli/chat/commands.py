@@ -228,7 +228,10 @@ def cmd_stats(s, arg: str) -> None:
         s.out(Text(
             f"  prompt {t.prompt_tokens} tokens: prefilled {t.prefill_tokens}, "
             f"reused {t.reused_tokens} from the cache"
-            + ("\n  (crossed the LongRoPE boundary: the whole context was recomputed once)" if t.recomputed else "")
+            + (("\n  (the prompt crossed the LongRoPE boundary: recomputed whole, with the long factors)"
+                if t.recomputed_in_prompt else
+                "\n  (the reply crossed the LongRoPE boundary: everything cached was recomputed once, with the long"
+                " factors)") if t.recomputed else "")
         ))
         s.out(Text(
             f"  reply {t.completion_tokens} tokens ({t.finish_reason}); "

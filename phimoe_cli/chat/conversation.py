@@ -200,6 +200,7 @@ class TurnStats:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     recomputed: bool = False  # the context crossed LongRoPE's boundary: computed again once
+    recomputed_in_prompt: bool = False  # the prompt itself crossed it
 
     @property
     def reused_tokens(self) -> int:

@@ -179,7 +179,7 @@ class ChatSession:
                 finish_reason="interrupted" if interrupted else res.finish_reason,
                 time_to_first_token_s=res.time_to_first_token_s, prefill_tokens_per_s=res.prefill_tokens_per_s,
                 decode_tokens_per_s=res.decode_tokens_per_s,
-                recomputed=res.recomputed,
+                recomputed=res.recomputed, recomputed_in_prompt=res.recomputed_in_prompt,
             )
             self.stats.add(turn, res.prefill_s, res.decode_s)
             self.autosave()  # before anything is printed: the terminal may be gone
