@@ -83,6 +83,8 @@ class Gate:
                     scope, receive, sending)
             else:
                 await self.app(scope, receive, sending)
+        except asyncio.CancelledError:  # the server cancels what still runs when its shutdown grace ends
+            status[0] = 499
         finally:
             usage = state.get("usage")
             tokens = f" prompt={usage[0]} generated={usage[1]}" if usage else ""

@@ -42,8 +42,17 @@ def run_serve(*, load: LoadOptions, host: str, port: int, api_key: str | None, s
     sock = bind(host, port)
     where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
     server = Server(served_name or load.model, api_key=api_key, max_queue=max_queue, cors_origins=cors_origins)
+    def stopping() -> None:  # a signal: what runs gets GRACE_S - 1 s, then ends cleanly ("abort", [DONE])
+        def cancel() -> None:
+            if server.worker is not None:
+                server.worker.cancel_running()
+
+        timer = threading.Timer(max(0.5, GRACE_S - 1), cancel)
+        timer.daemon = True
+        timer.start()
+
     http = _Uvicorn(uvicorn.Config(create_app(server), log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=GRACE_S, lifespan="off"))
+                                   timeout_graceful_shutdown=GRACE_S, lifespan="off"), on_stop=stopping)
     failed: list[PhimoeError] = []
 
     def loading() -> None:
@@ -75,10 +84,11 @@ class _Uvicorn:
     """uvicorn's server, but a signal ends it with exit 0 (uvicorn raises the signal again after
     its graceful shutdown, which would end the process as killed). A second signal: at once."""
 
-    def __init__(self, config):
+    def __init__(self, config, on_stop=None):
         import uvicorn
 
         self.server = uvicorn.Server(config)
+        self.on_stop = on_stop or (lambda: None)
 
     @property
     def should_exit(self) -> bool:
@@ -94,6 +104,8 @@ class _Uvicorn:
         def stop(signum, frame) -> None:
             if self.server.should_exit:
                 self.server.force_exit = True
+            else:
+                self.on_stop()
             self.server.should_exit = True
 
         previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}

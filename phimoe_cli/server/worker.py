@@ -54,6 +54,12 @@ class Worker:
         self._jobs.put(job)
         return job
 
+    def cancel_running(self) -> None:
+        """Stop the generation in flight before its next token (it ends as finish_reason "abort")."""
+        job = self.current
+        if job is not None:
+            job.cancelled.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what runs and what waits; wait for the thread."""
         self._jobs.put(None)
