@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from phimoe_cli.generation import Generator, TokenLogprob
+if TYPE_CHECKING:  # torch comes with the model only: a remote front end (remote.py) starts without it
+    from phimoe_cli.generation import TokenLogprob
 from phimoe_cli.params import MAX_NEW_TOKENS, SamplingParams
 
 
@@ -138,6 +140,8 @@ class LocalEngine:
     requests (None: one sequence, the last)."""
 
     def __init__(self, loaded, context_length: int | None = None, cache_budget: int | None = None):
+        from phimoe_cli.generation import Generator
+
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.generator = Generator(loaded.model, self.tokenizer, context_length=context_length)

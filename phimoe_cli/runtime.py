@@ -7,12 +7,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phimoe_cli.errors import UsageError
-from phimoe_cli.hub import resolve_model
-from phimoe_cli.model import PhimoeForCausalLM, load_model
 from phimoe_cli.options import LoadOptions
-from phimoe_cli.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the model (torch) and the hub are imported when a model is loaded, not before
+    from phimoe_cli.model import PhimoeForCausalLM
+    from phimoe_cli.tokenizer import Tokenizer
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:
@@ -69,6 +71,10 @@ class Loaded:
 def load(options: LoadOptions | str, progress: bool | None = None) -> Loaded:
     """Resolve the model (a directory or hub repo id; a string: that model, defaults otherwise),
     then load its tokenizer and weights."""
+    from phimoe_cli.hub import resolve_model
+    from phimoe_cli.model import load_model
+    from phimoe_cli.tokenizer import Tokenizer
+
     o = LoadOptions(model=options) if isinstance(options, str) else options
     t0 = time.perf_counter()
     path = resolve_model(o.model, revision=o.revision, offline=o.offline, progress=progress)
