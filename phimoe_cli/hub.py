@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -112,6 +111,7 @@ def resolve_model(
     *,
     config_only: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    for_download: bool = False,
 ) -> Path:
     """Return the local directory holding ``model``'s files, downloading them if needed.
 
@@ -125,6 +125,7 @@ def resolve_model(
         progress: show huggingface_hub's progress bars; ``None``: only when stderr is a terminal.
         config_only: fetch only ``config.json`` (and ``generation_config.json``), for ``phimoe info``.
         cache_dir: the hub cache to use; ``None``: ``HF_HUB_CACHE`` / ``HF_HOME`` as usual.
+        for_download: called by ``phimoe download``: errors say to run it again, not to run it.
 
     Raises:
         HubError: with a one-line message, for every way this can fail.
@@ -147,6 +148,7 @@ def resolve_model(
         patterns=CONFIG_PATTERNS if config_only else MODEL_PATTERNS,
         config_only=config_only,
         cache_dir=cache_dir,
+        for_download=for_download,
     )
 
 
@@ -179,14 +181,7 @@ def download_model(
     repo = os.fspath(repo).strip() if repo is not None else ""
     if repo and is_local_path(repo):
         raise HubError(f"'{repo}' is a local path: `download` takes a Hugging Face repo id (org/name)", exit_code=2)
-    try:
-        return resolve_model(repo, revision, offline, token, progress, cache_dir=cache_dir)
-    except HubError as exc:  # the hint to run `phimoe download` is no help to `phimoe download`
-        text = re.sub(r"(download it first|finish the download) with `phimoe download [^`]*` while online",
-                      "run it again while online (without --offline / HF_HUB_OFFLINE=1)", str(exc))
-        if text == str(exc):
-            raise
-        raise HubError(text, exit_code=exc.exit_code) from None
+    return resolve_model(repo, revision, offline, token, progress, cache_dir=cache_dir, for_download=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +228,7 @@ def _resolve_repo(
     patterns: tuple[str, ...],
     config_only: bool,
     cache_dir: str | os.PathLike[str] | None,
+    for_download: bool = False,
 ) -> Path:
     try:
         validate_repo_id(repo_id)
@@ -247,7 +243,7 @@ def _resolve_repo(
         offline = _env_offline()
     if progress is None:
         progress = _stderr_is_tty()
-    ctx = _Ctx(repo_id=repo_id, revision=revision, cache=cache, offline=bool(offline))
+    ctx = _Ctx(repo_id=repo_id, revision=revision, cache=cache, offline=bool(offline), for_download=for_download)
 
     # snapshot_download asks the Hub for the repo's commit without any timeout, so a network
     # that silently drops packets would hang it for minutes: ask first, with a timeout, and
@@ -292,11 +288,13 @@ def _probe(repo_id: str, *, revision: str | None, token: str | None) -> Exceptio
 
 
 class _Ctx:
-    def __init__(self, *, repo_id: str, revision: str | None, cache: Path, offline: bool) -> None:
+    def __init__(self, *, repo_id: str, revision: str | None, cache: Path, offline: bool,
+                 for_download: bool = False) -> None:
         self.repo_id = repo_id
         self.revision = revision
         self.cache = cache
         self.offline = offline
+        self.for_download = for_download  # `phimoe download` itself: advising to run it is no help
 
     @property
     def what(self) -> str:
@@ -304,8 +302,16 @@ class _Ctx:
 
     @property
     def download_hint(self) -> str:
+        if self.for_download:
+            return "run it again while online (without --offline / HF_HUB_OFFLINE=1)"
         rev = f" --revision {self.revision}" if self.revision else ""
         return f"download it first with `phimoe download {self.repo_id}{rev}` while online"
+
+    @property
+    def finish_hint(self) -> str:
+        if self.for_download:
+            return "run it again while online to finish the download"
+        return f"finish the download with `phimoe download {self.repo_id}` while online"
 
 
 def _translate_http(exc: HfHubHTTPError, ctx: _Ctx, endpoint: str) -> HubError:
@@ -350,8 +356,7 @@ def _translate(exc: BaseException, ctx: _Ctx) -> HubError:
     if isinstance(exc, IncompleteSnapshotError):
         reason = "offline mode is on" if ctx.offline else "the Hub cannot be reached"
         return HubError(
-            f"the cached copy of {ctx.what} in {ctx.cache} is incomplete and {reason}: "
-            f"finish the download with `phimoe download {ctx.repo_id}` while online"
+            f"the cached copy of {ctx.what} in {ctx.cache} is incomplete and {reason}: {ctx.finish_hint}"
         )
     if isinstance(exc, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError) and ctx.offline):
         how = "--offline / HF_HUB_OFFLINE=1" if ctx.offline or _env_offline() else "offline mode"
@@ -389,8 +394,7 @@ def _check_snapshot(path: Path, ctx: _Ctx, *, config_only: bool, api_error: Exce
         if offline:
             reason = "offline mode is on" if ctx.offline else "the Hub cannot be reached"
             return HubError(
-                f"the cached copy of {ctx.what} in {ctx.cache} has no {what} and {reason}: "
-                f"finish the download with `phimoe download {ctx.repo_id}` while online"
+                f"the cached copy of {ctx.what} in {ctx.cache} has no {what} and {reason}: {ctx.finish_hint}"
             )
         return HubError(f"{ctx.what} has no {what} on the Hugging Face Hub: it is not a model phimoe can load")
 
