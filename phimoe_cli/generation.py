@@ -70,12 +70,17 @@ class Sampler:
             probs[probs < p.min_p * probs.max()] = 0
         return ids, probs / probs.sum()
 
-    def _masked(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    def _real(self, logits: torch.Tensor) -> torch.Tensor:
+        """A float32 CPU copy of ``logits`` with the padding rows of the embedding (never tokens) at -inf."""
         logits = logits.detach().float().cpu().clone()
-        if self.allowed is not None:  # padding rows of the embedding are never tokens
+        if self.allowed is not None:
             n = min(len(self.allowed), len(logits))
             logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
             logits[n:] = float("-inf")
+        return logits
+
+    def _masked(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        logits = self._real(logits)
         penalty = self.params.repetition_penalty
         if penalty != 1.0 and history is not None and len(history):
             seen = torch.unique(history.cpu())
@@ -87,13 +92,7 @@ class Sampler:
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's own log-probabilities over the real tokens: before penalties, temperature
         and truncation (what an OpenAI-style API reports as logprobs)."""
-        logits = logits.detach().float().cpu()
-        if self.allowed is not None:
-            n = min(len(self.allowed), len(logits))
-            logits = logits.clone()
-            logits[:n].masked_fill_(~self.allowed[:n], float("-inf"))
-            logits[n:] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(self._real(logits), dim=-1)
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         logits = self._masked(logits, history)
@@ -223,8 +222,8 @@ class Generator:
         asked before each token; True ends the generation as "interrupted" (another thread's stop).
         Bad input raises GenerationError here, before any work.
         """
-        params = (params or SamplingParams()).validate()
-        self.check(prompt_ids, params, max_new_tokens)
+        params = params or SamplingParams()
+        self.check(prompt_ids, params, max_new_tokens)  # validates params too
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
         return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled)
 

@@ -205,7 +205,7 @@ class ChatSession:
             request.token_ids = prompt
             return self.engine.generate(request)
         while True:
-            request.messages = [{"role": m["role"], "content": m["content"]} for m in self.conv.messages]
+            request.messages = self.conv.messages  # (the engine sends role and content only)
             try:
                 return self.engine.generate(request)
             except ContextTooLong as exc:

@@ -63,9 +63,7 @@ class Worker:
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what runs and what waits; wait for the thread."""
         self._jobs.put(None)
-        job = self.current
-        if job is not None:
-            job.cancelled.set()
+        self.cancel_running()
         self._thread.join(timeout)
 
     def _gauge(self) -> None:
@@ -106,7 +104,5 @@ class Worker:
             if self.metrics is not None:  # here, not in the handler: a cancelled request counts too
                 self.metrics.finished(done, job.first_s, self.engine.cache_bytes(), job.cancelled.is_set())
             job.send("done", done)
-        except PhimoeError as exc:
-            job.send("error", exc)
-        except Exception as exc:  # a bug: the handler answers 500, the server goes on
+        except Exception as exc:  # a PhimoeError: 4xx/503; anything else, a bug: 500; the server goes on
             job.send("error", exc)
