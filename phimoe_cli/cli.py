@@ -103,20 +103,22 @@ def quantize(
 ) -> None:
     """Write a quantized checkpoint (quantized tensor by tensor; loads fast with --model OUT). -q: nf4
     unless given."""
-    from phimoe_cli.hub import resolve_model
-    from phimoe_cli.model import load_model
-    from phimoe_cli.model.saving import save_quantized
-
     quant = quantize or "nf4"
     if quant == "none":
         raise typer.BadParameter("choose int8, nf4 or fp4", param_hint="--quantize")
     from phimoe_cli.errors import UsageError
 
     target = Path(out).expanduser()
-    try:  # before minutes of loading and quantizing: can OUT be written?
+    try:  # before minutes of loading and quantizing: can OUT be written, and is it free?
         target.mkdir(parents=True, exist_ok=True)
+        if any(target.iterdir()):
+            raise UsageError(f"{target} exists and is not empty")
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
+    from phimoe_cli.hub import resolve_model
+    from phimoe_cli.model import load_model
+    from phimoe_cli.model.saving import save_quantized
+
     path = resolve_model(model, revision=revision, offline=offline or None)
     net = load_model(path, dtype=dtype, quantize=quant, quantize_attention=quantize_attention)
     try:

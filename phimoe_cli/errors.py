@@ -26,6 +26,17 @@ class UsageError(PhimoeError, ValueError):
     exit_code = 2
 
 
+class HubError(PhimoeError):
+    """A model could not be resolved. ``str(err)`` is one clear line for the user.
+
+    ``exit_code`` is 2 for bad user input (a local path that does not exist, an invalid repo id),
+    1 for runtime failures (network, missing repo, gated repo, full disk, ...).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(" ".join(str(message).split()), exit_code=exit_code)  # always exactly one line
+
+
 def report(exc: PhimoeError, stream=None) -> int:
     """Write ``exc`` as one ``error:`` line; return its exit code."""
     text = " ".join(str(exc).split()) or type(exc).__name__

@@ -3,12 +3,23 @@ KV-cache bytes per token, and whether it fits this machine."""
 
 from __future__ import annotations
 
-from phimoe_cli.model import PhimoeConfig
+import os
+import sys
+
+from phimoe_cli.model.config import PhimoeConfig
 from phimoe_cli.model.memory import available_ram, kv_bytes_per_token, memory_estimates, parameter_counts
+
+
+def _no_gpu_here() -> bool:
+    """Linux without NVIDIA's (or ROCm's, or WSL's) device nodes has no GPU torch could use: then
+    ``phimoe info`` need not import torch (2-3 s) to find none."""
+    return sys.platform == "linux" and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
 
 
 def gpu_memory() -> list[tuple[str, int, int]]:
     """(name, free bytes, total bytes) per CUDA device; empty without CUDA."""
+    if _no_gpu_here():
+        return []
     try:
         import torch
 

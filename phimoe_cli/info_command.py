@@ -6,7 +6,7 @@ import json
 
 from phimoe_cli.hub import resolve_config
 from phimoe_cli.info import report
-from phimoe_cli.model import PhimoeConfig
+from phimoe_cli.model.config import PhimoeConfig
 
 
 def _size(n: int | None) -> str:
@@ -26,9 +26,7 @@ def _count(n: int) -> str:
 def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=False, plan=False,
              quantize="none", gpu_memory=None) -> None:
     path = resolve_config(model, revision=revision, offline=offline)
-    from phimoe_cli.model.loading import load_config
-
-    config: PhimoeConfig = load_config(path)
+    config = PhimoeConfig.from_file(path / "config.json")
     data = report(config, context=context)
     data["model"] = model
     if plan:

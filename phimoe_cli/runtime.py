@@ -72,13 +72,14 @@ def load(options: LoadOptions | str, progress: bool | None = None) -> Loaded:
     """Resolve the model (a directory or hub repo id; a string: that model, defaults otherwise),
     then load its tokenizer and weights."""
     from phimoe_cli.hub import resolve_model
-    from phimoe_cli.model import load_model
     from phimoe_cli.tokenizer import Tokenizer
 
     o = LoadOptions(model=options) if isinstance(options, str) else options
     t0 = time.perf_counter()
     path = resolve_model(o.model, revision=o.revision, offline=o.offline, progress=progress)
     tokenizer = Tokenizer.from_dir(path)
+    from phimoe_cli.model import load_model  # torch: after the model and its tokenizer are found
+
     net = load_model(path, dtype=o.dtype, device=o.device, progress=progress, quantize=o.quantize,
                      quantize_attention=o.quantize_attention, offload=o.offload, gpu_memory=parse_size(o.gpu_memory))
     dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
@@ -119,9 +120,10 @@ def open_engine(options: LoadOptions, remote=None, context: int | None = None, o
 
     if context is not None:  # refuted by config.json alone: say so before the weights load (minutes)
         from phimoe_cli.hub import resolve_config
-        from phimoe_cli.model.loading import load_config
+        from phimoe_cli.model.config import PhimoeConfig
 
-        config = load_config(resolve_config(options.model, revision=options.revision, offline=options.offline))
+        config = PhimoeConfig.from_file(resolve_config(options.model, revision=options.revision,
+                                                       offline=options.offline))
         if context > config.max_position_embeddings:
             raise UsageError(f"--context {context} is more than the model's {config.max_position_embeddings} tokens")
     return LocalEngine(load(options), context_length=context)

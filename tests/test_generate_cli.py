@@ -288,5 +288,6 @@ def test_root_help_has_examples_and_shell_completion():
     out = run_phimoe("--help", env={"COLUMNS": "200"})
     text = out.stdout.decode()
     assert out.returncode == 0 and "--install-completion" in text and "Examples:" in text
-    script = run_phimoe("--show-completion", "bash", env={"COLUMNS": "200", "SHELL": "/bin/bash"})
+    script = run_phimoe("--show-completion", "bash",  # the shell named, not detected from the process tree
+                        env={"COLUMNS": "200", "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert script.returncode == 0 and "complete" in script.stdout.decode()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from phimoe_cli import hub
+from phimoe_cli import hub, hub_repo
 from phimoe_cli.hub import DEFAULT_MODEL, HubError, download_model, is_local_path, resolve_config, resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -290,14 +290,14 @@ def test_progress_bar_state_is_restored(cache: Path) -> None:
 
 def test_disk_full_and_permission_messages() -> None:
     # The translation of OS errors raised while writing into the cache (a full disk cannot be made on demand).
-    ctx = hub._Ctx(repo_id="org/name", revision=None, cache=Path("/cache"), offline=False)
-    msg = str(hub._translate(OSError(errno.ENOSPC, "No space left on device"), ctx))
+    ctx = hub_repo._Ctx(repo_id="org/name", revision=None, cache=Path("/cache"), offline=False)
+    msg = str(hub_repo._translate(OSError(errno.ENOSPC, "No space left on device"), ctx))
     assert msg.startswith("no space left on device while downloading 'org/name' into /cache")
     assert "HF_HOME" in msg and "\n" not in msg
     rust_error = RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")
-    msg = str(hub._translate(rust_error, ctx))
+    msg = str(hub_repo._translate(rust_error, ctx))
     assert msg.startswith("no space left on device")
-    msg = str(hub._translate(PermissionError(errno.EACCES, "Permission denied", "/cache/x"), ctx))
+    msg = str(hub_repo._translate(PermissionError(errno.EACCES, "Permission denied", "/cache/x"), ctx))
     assert "cannot write to the Hugging Face cache (/cache/x)" in msg
 
 

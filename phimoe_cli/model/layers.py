@@ -31,15 +31,17 @@ class LongRoPE(nn.Module):
     def __init__(self, config: PhimoeConfig):
         super().__init__()
         dim = config.head_dim
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        # the tables are computed on the CPU even when the model is built on the meta device:
+        # arithmetic on meta tensors imports torch._dynamo (2+ s of every start)
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
         rope = config.rope_scaling
         if rope is None:
-            short = long = torch.ones(dim // 2)
+            short = long = torch.ones(dim // 2, device="cpu")
             self.short_mscale = self.long_mscale = 1.0
             self.original_max_position_embeddings = config.max_position_embeddings
         else:
-            short = torch.tensor(rope.short_factor, dtype=torch.float32)
-            long = torch.tensor(rope.long_factor, dtype=torch.float32)
+            short = torch.tensor(rope.short_factor, dtype=torch.float32, device="cpu")
+            long = torch.tensor(rope.long_factor, dtype=torch.float32, device="cpu")
             self.short_mscale, self.long_mscale = rope.short_mscale, rope.long_mscale
             self.original_max_position_embeddings = rope.original_max_position_embeddings
         self.register_buffer("short_inv_freq", 1.0 / (short * config.rope_theta**exponent), persistent=False)
