@@ -61,6 +61,25 @@ def test_linear_is_the_float32_sum_rounded_once(lib, n, k, bias):
     assert (err <= bound).all(), (err - bound).max()
 
 
+# prompt rows and weight rows not multiples of the 3 x 4 tiles; K a multiple of 16 (else it declines)
+@pytest.mark.parametrize("m, n, k", [(1, 5, 16), (16, 1600, 1024), (17, 37, 96), (128, 64, 1600), (2, 3, 100)])
+def test_prefill_product_of_bfloat16_rows_is_the_float32_sum_rounded_once(lib, m, n, k):
+    """native.bf16_matmul (prefill where the CPU has no bfloat16 dot product): the AVX2 builds
+    compute it, within one bfloat16 rounding of the exact product; others decline (None)."""
+    g = torch.Generator().manual_seed(m * n + k)
+    w, x, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16(), \
+        torch.randn(n, generator=g).bfloat16()
+    y = native.bf16_matmul(lib, x, w, b)
+    if native.isa(lib) == "generic" or k % 16:
+        assert y is None
+        return
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    err = (y.double() - exact).abs()
+    bound = 2.0**-8 * exact.abs() + 1e-6 * k * (x.double().abs() @ w.double().abs().t() + b.double().abs())
+    assert (err <= bound).all(), (err - bound).max()
+
+
 def quantize_like_the_c_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An activation vector quantized as native.c's comment defines it, written here from that
     definition: blocks of 64 (the last one may be shorter), d = max |x| / 32767 in float32,

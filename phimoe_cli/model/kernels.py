@@ -4,8 +4,10 @@ Prefill multiplies many rows by each weight, so it is bound by arithmetic, not b
 weights. CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX, Arm's BF16) multiply
 bfloat16 several times faster than float32; on the others (AVX2, plain AVX-512) PyTorch's
 bfloat16 GEMM converts as it goes and runs at half the float32 speed or worse. There, weights
-are widened to float32 a block at a time (the block stays in cache) and multiplied by the
-float32 GEMM: the same products, summed in float32 and rounded once, as the bfloat16 GEMM does.
+are multiplied by a C kernel that widens each 16 weights in registers (native.bf16_matmul, AVX2
+builds), else widened to float32 a block at a time (the block stays in cache) and multiplied by
+the float32 GEMM: either way the same products, summed in float32 and rounded once, as the
+bfloat16 GEMM does.
 One-token decoding is decode.py's concern.
 """
 
@@ -18,6 +20,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .native import cpuinfo
 
 UPCAST_BLOCK_BYTES = 4 << 20  # float32 bytes of weight widened at a time
@@ -63,6 +66,11 @@ def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.linear`` computed in ``prefill_dtype``; the result has x's dtype."""
     if x.numel() == x.shape[-1] or weight.device.type != "cpu" or prefill_dtype(weight.dtype) == weight.dtype:
         return F.linear(x, weight, bias)
+    if x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and not torch.is_grad_enabled():
+        lib = native.library()
+        y = native.bf16_matmul(lib, x, weight, bias) if lib is not None else None
+        if y is not None:  # widened in registers by C: 3-4x the float32 GEMM on widened blocks at 16 rows
+            return y
     return upcast_linear(x, weight, bias)
 
 

@@ -147,6 +147,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_quantize_x.restype = None
     lib.phimoe_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p]
+    lib.phimoe_bf16_matmul.restype = ctypes.c_int
+    lib.phimoe_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [
+        ctypes.c_int]
     lib.phimoe_linear.restype = None
     lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -286,6 +289,20 @@ def qmatmul(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: tor
     lib.phimoe_qmatmul(ctypes.byref(found[0]), index, n, k, rows.data_ptr(), rows.shape[0], _ptr(bias), y.data_ptr(),
                        scratch.data_ptr(), threads)
     return y.reshape(*x.shape[:-1], n)
+
+
+def bf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear`` of many bfloat16 rows x [..., K] by bfloat16 ``weight`` [n, K] (contiguous, CPU),
+    summed in float32 by the C kernel and rounded once to bfloat16; None where it cannot run
+    (no AVX2 build, K not a multiple of 16)."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    xs = torch.empty(rows.shape, dtype=torch.float32)
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if not lib.phimoe_bf16_matmul(weight.data_ptr(), _ptr(bias), rows.data_ptr(), rows.shape[0], n, k, xs.data_ptr(),
+                                  y.data_ptr(), torch.get_num_threads()):
+        return None
+    return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
 
 
 def dequantize_rows(lib: ctypes.CDLL, weight, index: int, start: int, end: int, out: torch.Tensor) -> bool:
