@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from phimoe_cli.model.config import dtype_name
 from phimoe_cli.params import MAX_NEW_TOKENS, SamplingParams
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-MoE-instruct"
@@ -128,6 +129,7 @@ def with_loading(command):
     def collect(values: dict, others: dict) -> LoadOptions:
         values["offline"] = values["offline"] or None  # False: as the environment says
         values["quantize"] = values["quantize"] or "none"
+        dtype_name(values["dtype"])  # a bad --dtype is refused before torch loads
         return LoadOptions(model=others["model"], **values)
 
     return _adding(command, "load", LOAD_OPTIONS, collect)

@@ -13,7 +13,20 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from phimoe_cli.errors import PhimoeError
+from phimoe_cli.errors import PhimoeError, UsageError
+
+#: The compute dtypes by name, with the short names people type.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def dtype_name(dtype: str) -> str:
+    """``dtype`` as one of DTYPE_NAMES or "auto" (aliases resolved); a UsageError otherwise.
+    Torch-free, so that the command line can refuse a bad --dtype before torch loads."""
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name != "auto" and name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}: choose auto, bfloat16, float16 or float32")
+    return name
 
 
 class ConfigError(PhimoeError, ValueError):

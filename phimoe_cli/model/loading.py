@@ -24,7 +24,7 @@ import torch
 from phimoe_cli.errors import PhimoeError, UsageError
 
 from . import decode, hugepages
-from .config import ConfigError, PhimoeConfig
+from .config import ConfigError, PhimoeConfig, dtype_name
 from .layers import LongRoPE
 from .offload import OffloadedExperts, capacity_for_budget, plan_placement, swap_in_offloaded
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
@@ -33,7 +33,6 @@ from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear, swap_in_quant
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -45,11 +44,9 @@ class CheckpointError(PhimoeError, ValueError):
 def resolve_dtype(dtype: str | torch.dtype, config: PhimoeConfig | None = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = _DTYPE_ALIASES.get(dtype, dtype)
+    name = dtype_name(dtype)
     if name == "auto":
         name = config.torch_dtype if config is not None else "bfloat16"
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: choose auto, bfloat16, float16 or float32")
     return DTYPES[name]
 
 
