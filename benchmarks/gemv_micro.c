@@ -71,27 +71,53 @@ static void v_read(const bf16 *W, long K, long n, const bf16 *x, const float *xs
     }
 }
 
-#define WIDEN8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-
-static void v_widen(const bf16 *W, long K, long n, const bf16 *x, const float *xs, float *y) {
-    (void)xs;
-#pragma omp parallel
-    {
-        long r0, r1;
-        share(n, &r0, &r1);
-        for (long i = r0; i < r1; i++) {
-            const bf16 *w = W + i * K;
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            for (long k = 0; k + 64 <= K; k += 64) {
-                PREFETCH(w + k);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(WIDEN8(w + k + 8 * j), WIDEN8(x + k + 8 * j), a[j]);
-            }
-            for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
-            y[i] = hsum(a[0]);
-        }
+/* One float variant: each thread's rows, one at a time, eight float32 sums; STEP(k) adds the
+ * products of weights k..k+63 of row w into a[0..7] */
+#define FLOAT_ROWS(NAME, STEP)                                                               \
+    static void NAME(const bf16 *W, long K, long n, const bf16 *x, const float *xs, float *y) { \
+        (void)x, (void)xs;                                                                   \
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                              \
+        (void)hi;                                                                            \
+        _Pragma("omp parallel") {                                                            \
+            long r0, r1;                                                                     \
+            share(n, &r0, &r1);                                                              \
+            for (long i = r0; i < r1; i++) {                                                 \
+                const bf16 *w = W + i * K;                                                   \
+                __m256 a[8];                                                                 \
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                      \
+                for (long k = 0; k + 64 <= K; k += 64) {                                     \
+                    PREFETCH(w + k);                                                         \
+                    STEP(k)                                                                  \
+                }                                                                            \
+                for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);                \
+                y[i] = hsum(a[0]);                                                           \
+            }                                                                                \
+        }                                                                                    \
     }
-}
+
+#define WIDEN8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+#define ODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, hi))
+#define LOAD16(p) _mm256_loadu_si256((const __m256i *)(p))
+
+#define STEP_WIDEN(k) \
+    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(WIDEN8(w + k + 8 * j), WIDEN8(x + k + 8 * j), a[j]);
+#define STEP_EVENODD(k)                                                                             \
+    for (int j = 0; j < 4; j++) {                                                                   \
+        const __m256i v = LOAD16(w + k + 16 * j);                                                   \
+        a[2 * j] = _mm256_fmadd_ps(EVEN(v), _mm256_loadu_ps(xs + k + 16 * j), a[2 * j]);            \
+        a[2 * j + 1] = _mm256_fmadd_ps(ODD(v), _mm256_loadu_ps(xs + k + 16 * j + 8), a[2 * j + 1]); \
+    }
+#define STEP_EVENODD_BF(k)                                                       \
+    for (int j = 0; j < 4; j++) {                                                \
+        const __m256i v = LOAD16(w + k + 16 * j), u = LOAD16(x + k + 16 * j);    \
+        a[2 * j] = _mm256_fmadd_ps(EVEN(v), EVEN(u), a[2 * j]);                  \
+        a[2 * j + 1] = _mm256_fmadd_ps(ODD(v), ODD(u), a[2 * j + 1]);            \
+    }
+
+FLOAT_ROWS(v_widen, STEP_WIDEN)
+FLOAT_ROWS(v_evenodd, STEP_EVENODD) /* xs: x split as split_x does */
+FLOAT_ROWS(v_evenodd_bf, STEP_EVENODD_BF)
 
 /* xs: x split per 16 values into its 8 even then its 8 odd values, as float32 */
 static void split_x(const bf16 *x, long K, float *xs) {
@@ -101,57 +127,6 @@ static void split_x(const bf16 *x, long K, float *xs) {
             memcpy(xs + k + j, &e, 4);
             memcpy(xs + k + 8 + j, &o, 4);
         }
-}
-
-static void v_evenodd(const bf16 *W, long K, long n, const bf16 *x, const float *xs, float *y) {
-    (void)x;
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
-#pragma omp parallel
-    {
-        long r0, r1;
-        share(n, &r0, &r1);
-        for (long i = r0; i < r1; i++) {
-            const bf16 *w = W + i * K;
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            for (long k = 0; k + 64 <= K; k += 64)
-                for (int j = 0; j < 4; j++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k + 16 * j));
-                    a[2 * j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + k + 16 * j), a[2 * j]);
-                    a[2 * j + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), _mm256_loadu_ps(xs + k + 16 * j + 8), a[2 * j + 1]);
-                }
-            for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
-            y[i] = hsum(a[0]);
-        }
-    }
-}
-
-/* evenodd with the activations read as bfloat16 and split the same way in the loop */
-static void v_evenodd_bf(const bf16 *W, long K, long n, const bf16 *x, const float *xs, float *y) {
-    (void)xs;
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
-#pragma omp parallel
-    {
-        long r0, r1;
-        share(n, &r0, &r1);
-        for (long i = r0; i < r1; i++) {
-            const bf16 *w = W + i * K;
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            for (long k = 0; k + 64 <= K; k += 64)
-                for (int j = 0; j < 4; j++) {
-                    if (j == 0) PREFETCH(w + k);
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k + 16 * j));
-                    const __m256i u = _mm256_loadu_si256((const __m256i *)(x + k + 16 * j));
-                    a[2 * j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-                                               _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), a[2 * j]);
-                    a[2 * j + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)),
-                                                   _mm256_castsi256_ps(_mm256_and_si256(u, hi)), a[2 * j + 1]);
-                }
-            for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
-            y[i] = hsum(a[0]);
-        }
-    }
 }
 
 typedef void (*fn)(const bf16 *, long, long, const bf16 *, const float *, float *);
