@@ -30,7 +30,8 @@ TESTS = Path(__file__).parent
 
 @pytest.mark.isa
 @pytest.mark.parametrize("choice", ["float32", "native"])
-def test_prefill_products_work_in_and_out_of_inference_mode(monkeypatch, choice):
+@pytest.mark.parametrize("k", [64, 72])  # 72: not a multiple of 16, so the C kernel declines and blocks are widened
+def test_prefill_products_work_in_and_out_of_inference_mode(monkeypatch, choice, k):
     """The widened prefill keeps a float32 scratch block across calls; made first under
     inference_mode, it must still be writable by a product under no_grad or plain autograd-free
     use (it was an inference tensor: "Inplace update to inference tensor outside InferenceMode")."""
@@ -38,7 +39,7 @@ def test_prefill_products_work_in_and_out_of_inference_mode(monkeypatch, choice)
     monkeypatch.setattr(kernels._scratch_space, "buf", None, raising=False)  # as in a fresh process
     assert kernels.prefill_dtype(torch.bfloat16) == (torch.float32 if choice == "float32" else torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    w, x = torch.randn(96, k, generator=g).bfloat16(), torch.randn(5, k, generator=g).bfloat16()
     exact = x.double() @ w.double().t()
     with torch.inference_mode():
         first = kernels.prefill_linear(x, w)
