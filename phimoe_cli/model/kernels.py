@@ -46,6 +46,23 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
+def sdpa_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype in which attention (torch SDPA) is computed for q/k/v of ``dtype``: ``dtype``,
+    except bfloat16 on a CPU with AMX whose PyTorch kernels are held below AVX-512
+    (``ATEN_CPU_CAPABILITY=avx2`` or ``default``), where torch 2.13's flash attention takes its AMX
+    path for 64+ queries and fails ("pack_vnni2 is only supported when avx512 is supported"):
+    there float32, rounded back to bfloat16 after."""
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return dtype
+    return _cpu_sdpa_dtype(torch.backends.cpu.get_cpu_capability())
+
+
+@functools.cache
+def _cpu_sdpa_dtype(capability: str) -> torch.dtype:
+    held = not capability.upper().startswith("AVX512")
+    return torch.float32 if held and "amx_bf16" in _cpu_flags() else torch.bfloat16
+
+
 def prefill_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype in which prefill multiplies weights of ``dtype``. ``PHIMOE_PREFILL_DTYPE``
     (``auto``, ``float32`` or ``native``) overrides the choice for the CPU."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PhimoeConfig
-from .kernels import prefill_linear
+from .kernels import prefill_linear, sdpa_dtype
 
 # torch >= 2.5 lets SDPA share K/V heads across query heads without copying them.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -108,6 +108,9 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask=None, is_causal: bool = False):
     """SDPA with K/V heads shared by groups of query heads."""
+    dtype = sdpa_dtype(q.dtype, q.device)
+    if dtype != q.dtype:  # (a PyTorch bug on some CPUs: kernels.sdpa_dtype)
+        return attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, is_causal).to(q.dtype)
     if k.shape[1] == q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     if _SDPA_HAS_GQA:
