@@ -20,6 +20,8 @@ FLAGS = set((cpuinfo().get("flags") or "").split())
 VARIANTS = {"native": "-march=native", "generic": ""}  # generic: plain C (what a non-x86 CPU runs)
 if {"avx2", "fma"} <= FLAGS:
     VARIANTS["avx2"] = "-mavx2 -mfma"
+if {"avx512bw", "avx512_vnni"} <= FLAGS:  # native takes the VNNI 4-bit loop; this one the other
+    VARIANTS["avx512"] = "-mavx2 -mfma -mavx512f -mavx512bw -mavx512dq -mavx512vl"
 
 
 def _build(flags: str):
@@ -35,7 +37,7 @@ def lib(request):
 
 
 def test_variants_report_their_instruction_set():
-    expected = {"generic": "generic", "avx2": "avx2"}
+    expected = {"generic": "generic", "avx2": "avx2", "avx512": "avx512"}
     for name, flags in VARIANTS.items():
         isa = native.isa(_build(flags))
         if name in expected:
@@ -82,15 +84,15 @@ def test_prefill_product_of_bfloat16_rows_is_the_float32_sum_rounded_once(lib, m
 
 def quantize_like_the_c_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An activation vector quantized as native.c's comment defines it, written here from that
-    definition: blocks of 64 (the last one may be shorter), d = max |x| / 32767 in float32,
+    definition: blocks of 64 (the last one may be shorter), d = max |x| / 32639 in float32,
     q = x * (1 / d) rounded half to even."""
     xf = x.float().reshape(-1)
     q, d = torch.empty(xf.numel(), dtype=torch.int16), []
     for b in range(0, xf.numel(), 64):
         block = xf[b : b + 64]
-        db = block.abs().max() / 32767
+        db = block.abs().max() / 32639
         inv = 1 / db if db > 0 else torch.tensor(0.0)
-        q[b : b + 64] = torch.round(block * inv).clamp(-32767, 32767).to(torch.int16)
+        q[b : b + 64] = torch.round(block * inv).clamp(-32639, 32639).to(torch.int16)
         d.append(db)
     return q, torch.stack(d)
 
@@ -128,7 +130,7 @@ def test_quantized_linear_is_the_integer_product_of_the_quantized_vector(lib, qu
     """What the C step computes for a quantized matrix: its values (as dequantize() gives them)
     times x quantized to int16 in blocks of 64: integer sums per block, exact, then float32
     scales; so within float32 summation of the exact product, plus one bfloat16 rounding. And the
-    quantized vector is within half a step (1/65534 of its block's largest value) of x itself."""
+    quantized vector is within half a step (1/65278 of its block's largest value) of x itself."""
     m, values = _quantized(quant, n, k, seed=n * k)
     x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(k)).bfloat16()
     q, d = native.quantize_activations(lib, x.reshape(-1))

@@ -78,13 +78,17 @@ static inline float vsum(vf v) {
 #endif
 
 /* Software prefetch PREFETCH bytes ahead of the weight stream, one cache line per 64 bytes read
- * (AVX2 builds; 0: none). With two cores streaming at ~16 GB/s each one's hardware prefetcher alone
- * keeps too few lines in flight once every line also costs widening and FMAs: the row loop read
- * 85-92% of a plain read of the same bytes without it and 96-102% with it, at 1024 B
- * (benchmarks/gemv_micro.c, AMD EPYC Zen 3, AVX2). AVX-512 builds measured no gain from
- * prefetching the start of each row range and keep the hardware's alone. */
+ * (0: none). With two cores streaming at ~16 GB/s each one's hardware prefetcher alone keeps too
+ * few lines in flight once every line also costs widening and FMAs. AVX2 builds: the row loop
+ * read 85-92% of a plain read of the same bytes without it and 96-102% with it, at 1024 B
+ * (benchmarks/gemv_micro.c, AMD EPYC Zen 3). AVX-512 builds: bf16 / int8 / 4-bit rows read
+ * 80 / 71 / 72% of a plain read without it, 90 / 80 / 84% at 1024 B and 95 / 93 / 98% at 4096 B,
+ * 8192 B no better (benchmarks/row_read.py, 2 threads, an Intel Xeon with AVX512-VNNI and
+ * ~20 GB/s). */
 #ifndef PREFETCH
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+#define PREFETCH 4096
+#elif defined(__AVX2__)
 #define PREFETCH 1024
 #else
 #define PREFETCH 0
@@ -163,7 +167,7 @@ void phimoe_linear(const bf16 *W, const bf16 *b, const bf16 *x, bf16 *y, long n,
 
 /* ------------------------------------------------------ quantized weights, int16 activations
  * int8 and 4-bit weights are multiplied as integers: the activation vector is quantized to int16
- * in blocks of QB = 64 values (x ~ q * d, d = max |x| / 32767, q = round(x / d): within 1/65534
+ * in blocks of QB = 64 values (x ~ q * d, d = max |x| / 32639, q = round(x / d): within 1/65278
  * of the block's largest value, a hundred times finer than x's own bfloat16 rounding), each
  * weight is widened to int16 and the products are summed exactly in int32 per block (AVX-512
  * vpdpwssd / vpmaddwd, AVX2 vpmaddwd: 16 or 32 products an instruction), then scaled in float32.
@@ -192,12 +196,21 @@ typedef struct {  /* one activation vector of K values, quantized; views of scra
                    * pair of blocks A, B (128 values), the values 4t + 1 of A (16), of B (16), then
                    * 4t + 3, 4t, 4t + 2 likewise */
     float *d;     /* [blocks]: the block scales */
+    int8_t *qb;   /* [3 K] (K % 64 == 0 only; AVX512-VNNI builds): per pair of whole blocks (128
+                   * values, 384 bytes), q split into signed bytes, q = 256 hi + lo, for vpdpbusd:
+                   * hi of the values 2t + 1 of A then of B (t < 32; 64 bytes), hi of the values
+                   * 2t, lo of 2t + 1, lo of 2t; then the int32 lanes -128 * (sum of A's q) and
+                   * -128 * (sum of B's) at lanes 0 and 8 (64 bytes), and d of A in lanes 0-7, of
+                   * B in lanes 8-15 (float32, 64 bytes). See dot_rows_q4 */
     long K;
 } QX;
 
+/* |q| <= QMAX = 127 * 256 + 127, so that q splits into two signed bytes */
+#define QMAX 32639.f
+
 static long round64(long n) { return (n + 63) / 64 * 64; }
 
-static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 4 * round64((K + QB - 1) / QB) + 64; }
+static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 4 * round64((K + QB - 1) / QB) + 3 * round64(K) + 128; }
 
 static char *qx_carve(QX *o, long K, char *p) {
     p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
@@ -205,10 +218,11 @@ static char *qx_carve(QX *o, long K, char *p) {
     o->q = (int16_t *)p, p += 2 * round64(K);
     o->qp = (int16_t *)p, p += 2 * round64(K + 128);
     o->d = (float *)p, p += 4 * round64((K + QB - 1) / QB);
+    o->qb = (int8_t *)p, p += 3 * round64(K);
     return p;
 }
 
-/* x [K] (bfloat16) into o: q = round-to-even(x / d) with d = max |x| / 32767 per block of QB */
+/* x [K] (bfloat16) into o: q = round-to-even(x / d) with d = max |x| / QMAX per block of QB */
 static void quantize_x(const bf16 *x, QX *o) {
     const long K = o->K;
     for (long i0 = 0; i0 < K; i0 += QB) {
@@ -220,7 +234,7 @@ static void quantize_x(const bf16 *x, QX *o) {
             for (int j = 0; j < 4; j++) v[j] = WIDEN_BF16(x + i0 + 16 * j);
             amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
                                                       _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3]))));
-            d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+            d = amax / QMAX, id = d > 0.f ? 1.f / d : 0.f;
             for (int j = 0; j < 4; j++)
                 _mm256_storeu_si256((__m256i *)(o->q + i0 + 16 * j),
                                     _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(id)))));
@@ -228,10 +242,10 @@ static void quantize_x(const bf16 *x, QX *o) {
         }
 #endif
         for (long i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(bf2f(x[i])));
-        d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        d = amax / QMAX, id = d > 0.f ? 1.f / d : 0.f;
         for (long i = i0; i < i1; i++) {
             float v = nearbyintf(bf2f(x[i]) * id);
-            o->q[i] = (int16_t)(v > 32767.f ? 32767.f : v < -32767.f ? -32767.f : v);
+            o->q[i] = (int16_t)(v > QMAX ? QMAX : v < -QMAX ? -QMAX : v);
         }
 #if defined(__AVX512F__)
     quantized:
@@ -247,6 +261,27 @@ static void quantize_x(const bf16 *x, QX *o) {
             }
         }
     }
+#if defined(__AVX512VNNI__)
+    if (o->qb && K % 64 == 0)
+        for (long i0 = 0; i0 + 2 * QB <= K; i0 += 2 * QB) {
+            int8_t *h = o->qb + 3 * i0;
+            int32_t *corr = (int32_t *)(h + 256);
+            float *d = (float *)(h + 320);
+            memset(corr, 0, 64);
+            for (int c = 0; c < 4; c++) { /* 32 values: t = 16 c .. 16 c + 15 of the pair's 64 (A's, then B's) */
+                const __m512i v = _mm512_loadu_si512(o->q + i0 + 32 * c);
+                const __m512i odd = _mm512_srai_epi32(v, 16), even = _mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16);
+                const __m512i lo_odd = _mm512_srai_epi32(_mm512_slli_epi32(odd, 24), 24);
+                const __m512i lo_even = _mm512_srai_epi32(_mm512_slli_epi32(even, 24), 24);
+                _mm_storeu_si128((__m128i *)(h + 16 * c), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(odd, lo_odd), 8)));
+                _mm_storeu_si128((__m128i *)(h + 64 + 16 * c), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(even, lo_even), 8)));
+                _mm_storeu_si128((__m128i *)(h + 128 + 16 * c), _mm512_cvtepi32_epi8(lo_odd));
+                _mm_storeu_si128((__m128i *)(h + 192 + 16 * c), _mm512_cvtepi32_epi8(lo_even));
+                corr[8 * (c / 2)] -= 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(odd, even));
+            }
+            _mm512_storeu_ps(d, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(o->d[i0 / QB]), _mm512_set1_ps(o->d[i0 / QB + 1])));
+        }
+#endif
 }
 
 /* sum of w[j] * q[j] for j < n, exactly */
@@ -313,10 +348,35 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
         const float *a = A + i * nb;
         float t = 0.f;
         long b = 0;
-#if defined(__AVX512BW__)
+#if defined(__AVX512VNNI__)
+        /* two blocks (64 bytes, 128 weights) by vpdpbusd, unsigned bytes times signed ones, 64
+         * products an instruction: the codes as bytes lut + 128 (1..255), x as its two signed
+         * bytes, so sum (c + 128) x = 256 (sum (c + 128) hi) + sum (c + 128) lo, exactly; the
+         * 128 sum x is taken back by starting the lo sums at -128 sum x (qb's correction lanes) */
+        const __m512i tbl5 = _mm512_broadcast_i32x4(_mm_add_epi8(_mm_loadu_si128((const __m128i *)lut), _mm_set1_epi8(-128)));
+        const __m512i low5 = _mm512_set1_epi8(15), spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        __m512 f = _mm512_setzero_ps();
+        for (; b + 2 <= nb; b += 2) {
+            PREFETCH_LINE(p + 32 * b);
+            const __m512i v = _mm512_loadu_si512(p + 32 * b);
+            const __m512i lo = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(v, low5));  /* values 2t + 1 */
+            const __m512i hi = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(_mm512_srli_epi16(v, 4), low5));  /* 2t */
+            const int8_t *q = x->qb + 192 * b;
+            const __m512i sh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)),
+                                                   hi, _mm512_loadu_si512(q + 64));
+            const __m512i sl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(q + 256), lo, _mm512_loadu_si512(q + 128)),
+                                                   hi, _mm512_loadu_si512(q + 192));
+            /* lanes 0-7: block b, 8-15: block b + 1 */
+            const __m512 ab = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(a + b)))));
+            const __m512 scale = _mm512_mul_ps(ab, _mm512_loadu_ps((const float *)(q + 320)));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl)), scale, f);
+        }
+        t = _mm512_reduce_add_ps(f);
+#elif defined(__AVX512BW__)
         const __m512i tbl5 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut)), low5 = _mm512_set1_epi8(15);
         __m512 f = _mm512_setzero_ps();
         for (; b + 2 <= nb; b += 2) { /* two blocks: 64 bytes, 128 weights */
+            PREFETCH_LINE(p + 32 * b);
             const __m512i v = _mm512_loadu_si512(p + 32 * b);
             const __m512i lo = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(v, low5));
             const __m512i hi = _mm512_shuffle_epi8(tbl5, _mm512_and_si512(_mm512_srli_epi16(v, 4), low5));
@@ -562,7 +622,7 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         int16_t *w = (int16_t *)(p + omp_get_thread_num() * (2 * round64(K) + 64));
 #pragma omp for schedule(static)
         for (long t = 0; t < M4; t++) {
-            QX qx = {Q + t * ldq, NULL, D + t * ldd, K};
+            QX qx = {.q = Q + t * ldq, .qp = NULL, .d = D + t * ldd, .qb = NULL, .K = K};
             if (t < M) {
                 quantize_x(X + t * K, &qx);
             } else {

@@ -13,7 +13,7 @@ also does q/k/v/o); the router, norms, embeddings and ``lm_head`` stay in the co
 
 Compute: quantized layers of a bfloat16 model decode in the C step (native.py), which reads the
 int8 or 4-bit weights directly and multiplies them as integers by the activations quantized to
-int16 in blocks of 64 (within 1/65534 of each block's largest value). Elsewhere int8 on CPU uses
+int16 in blocks of 64 (within 1/65278 of each block's largest value). Elsewhere int8 on CPU uses
 torch's weight-only int8 kernel (``_weight_int8pack_mm``); 4-bit weights, and int8 elsewhere, are
 dequantized per expert and multiplied in the compute dtype.
 """
