@@ -6,7 +6,7 @@ device with random weights (speed does not depend on their values). One run meas
 * prefill: one forward pass over a ``-p``-token prompt into an empty KV cache;
 * decode: ``-n`` single-token steps after it, each as ``phimoe generate`` runs them
   (``model(token, cache=cache, logits_to_keep=1)`` and an argmax that reads the result back);
-* the machine's read bandwidth, measured in the same run, which gives the roofline: batch-1
+* the machine's read bandwidth, read just before each timed run, which gives the roofline: batch-1
   decoding must read every active weight once per token, so it cannot beat
   ``bandwidth / active bytes per token``.
 
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -87,25 +88,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def read_bandwidth(device: torch.device, nbytes: int = 512 << 20, repeat: int = 5) -> float:
-    """Bytes per second that streaming reads of ``nbytes`` achieve here (best of ``repeat``), so
-    decode speed is judged against what the memory delivers: a sum over a float32 tensor and, on
-    the CPU, a bfloat16 matrix-vector product as decoding does it (the C kernel where it builds,
-    else the compiled one). It sometimes reads faster than the sum; the faster sets the roofline.
-    Both read memory allocated as the model's weights are (hugepages.py)."""
-    x = hugepages.empty_like(torch.empty(nbytes // 4, device="meta"), device).fill_(1)
-    best = _best_time(lambda: x.sum().item(), device, repeat)
-    x = None  # freed before the next read allocates
-    if device.type == "cpu":
-        w = hugepages.empty((nbytes // 2 // 4096, 4096), torch.bfloat16).fill_(1)  # as the weights are
-        v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
-        lib = native.library()
-        with torch.inference_mode():
-            if lib is not None:
-                best = min(best, _best_time(lambda: native.linear(lib, v, w), device, repeat))
-            else:
-                best = min(best, _best_time(lambda: matvec(v, w), device, repeat))
-    return nbytes / best
+class BandwidthProbe:
+    """Bytes per second that streaming reads achieve here, so decode speed is judged against what
+    the memory delivers at that moment: a sum over a float32 tensor and, on the CPU, a bfloat16
+    matrix-vector product as decoding does it (the C kernel where it builds, else the compiled
+    one); the faster of the two (best of ``repeat`` each) counts. ``nbytes`` each, allocated
+    once, as the model's weights are (hugepages.py), so a probe can run between the timed runs;
+    ``resident`` is what it holds."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20, repeat: int = 3):
+        self.device, self.nbytes, self.repeat = device, nbytes, repeat
+        self.x = hugepages.empty_like(torch.empty(nbytes // 4, device="meta"), device).fill_(1)
+        self.w = self.v = self.lib = None
+        if device.type == "cpu":
+            self.w = hugepages.empty((nbytes // 2 // 4096, 4096), torch.bfloat16).fill_(1)
+            self.v = torch.ones(1, 1, 4096, dtype=torch.bfloat16)
+            self.lib = native.library()
+        self.resident = nbytes * (2 if self.w is not None else 1)
+
+    def __call__(self) -> float:
+        best = _best_time(lambda: self.x.sum().item(), self.device, self.repeat)
+        if self.w is not None:
+            lib, v, w = self.lib, self.v, self.w
+            with torch.inference_mode():
+                product = (lambda: native.linear(lib, v, w)) if lib is not None else (lambda: matvec(v, w))
+                best = min(best, _best_time(product, self.device, self.repeat))
+        return self.nbytes / best
 
 
 def _best_time(fn, device: torch.device, repeat: int) -> float:
@@ -169,6 +177,7 @@ class EngineResult:
     decode_kernel: str | None = None  # phimoe: native, compiled or eager
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
+    read_bytes_s: list[float] = field(default_factory=list)  # the probe's reading before each timed run
 
 
 class _Ours:
@@ -209,12 +218,16 @@ class _Transformers:
         return self.model(ids, use_cache=True, logits_to_keep=1, **kwargs).logits
 
 
-def time_engine(engine, prompt: torch.Tensor, steps: torch.Tensor, repeat: int, device) -> EngineResult:
+def time_engine(engine, prompt: torch.Tensor, steps: torch.Tensor, repeat: int, device,
+                probe: BandwidthProbe | None = None) -> EngineResult:
     """Prefill ``prompt`` then decode ``steps`` one token at a time, ``repeat`` times (after one
-    warm-up run); the best time of each phase counts."""
-    prefill_s, decode_s = [], []
+    warm-up run); the best time of each phase counts. ``probe``: read the memory's bandwidth
+    before each timed run (its memory, allocated before, is left out of the peak)."""
+    prefill_s, decode_s, read_bytes_s = [], [], []
     with torch.inference_mode(), PeakMemory(device) as mem:
         for r in range(repeat + 1):
+            if r and probe is not None:
+                read_bytes_s.append(probe())
             _sync(device)
             t0 = time.perf_counter()
             logits = engine.prefill(prompt)
@@ -236,11 +249,12 @@ def time_engine(engine, prompt: torch.Tensor, steps: torch.Tensor, repeat: int, 
         prefill_tok_s=n_prompt / best_prefill,
         decode_tok_s=n_gen / best_decode if n_gen else 0.0,
         ms_per_token=1000 * best_decode / n_gen if n_gen else 0.0,
-        peak_memory_bytes=mem.peak,
+        peak_memory_bytes=max(0, mem.peak - (probe.resident if probe is not None else 0)),
         warmup_s=warmup_s,
         decode_kernel=engine.decode_kernel,
         prefill_s=prefill_s,
         decode_s=decode_s,
+        read_bytes_s=read_bytes_s,
     )
 
 
@@ -315,7 +329,7 @@ def run(
     if compare == "transformers":
         import transformers  # noqa: F401  (imported before any measurement)
 
-    bandwidth = read_bandwidth(dev)
+    probe = BandwidthProbe(dev)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (1, prompt_tokens + gen_tokens), generator=g).to(dev)
     prompt, steps = tokens[:, :prompt_tokens], tokens[:, prompt_tokens:]
@@ -327,7 +341,7 @@ def run(
     decode.choose(model)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
-    results = [time_engine(ours, prompt, steps, repeat, dev)]
+    results = [time_engine(ours, prompt, steps, repeat, dev, probe)]
     logit_diff = None
     if compare == "transformers":
         ref = _Transformers(transformers_model(model))
@@ -335,16 +349,22 @@ def run(
             logit_diff = (ours.prefill(prompt).float() - ref.prefill(prompt).float()).abs().max().item()
         del model, ours
         gc.collect()
-        results.append(time_engine(ref, prompt, steps, repeat, dev))
+        results.append(time_engine(ref, prompt, steps, repeat, dev, probe))
         del ref
     gc.collect()
 
-    bandwidth = max(bandwidth, read_bandwidth(dev))  # again, after: the best of both counts
+    del probe
     context = prompt_tokens + (gen_tokens - 1) / 2  # mean tokens attended over the decode steps
     active = active_bytes(config, torch_dtype.itemsize, context, quantize, quantize_attention)
+    # each timed run against the bandwidth read just before it (a fast minute and a slow one are
+    # not mixed); the median run counts
+    readings = [bw for r in results for bw in r.read_bytes_s]
+    bandwidth = statistics.median(readings)
     roofline = bandwidth / active
     for r in results:
-        r.roofline_pct = 100 * r.decode_tok_s / roofline
+        if gen_tokens:
+            r.roofline_pct = statistics.median(100 * gen_tokens / d * active / bw
+                                               for d, bw in zip(r.decode_s, r.read_bytes_s, strict=True))
     out = {
         "shape": shape,
         "config": {k: getattr(config, k) for k in (
@@ -362,8 +382,8 @@ def run(
         "build_s": build_s,
         "active_bytes_per_token": active,
         "bandwidth_bytes_s": bandwidth,
-        "bandwidth_method": "best read of 512 MiB, float32 sum or bfloat16 matrix-vector product, "
-                            "before and after the engines",
+        "bandwidth_method": "best read of 256 MiB, float32 sum or bfloat16 matrix-vector product, "
+                            "before each timed run (median)",
         "roofline_tok_s": roofline,
         "prefill_compute_dtype": str(prefill_dtype(torch_dtype, dev)).removeprefix("torch."),
         "results": [asdict(r) for r in results],

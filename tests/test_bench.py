@@ -12,7 +12,7 @@ from phimoe_cli import bench
 
 RESULT_KEYS = {
     "engine", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_memory_bytes", "roofline_pct",
-    "warmup_s", "decode_kernel", "prefill_s", "decode_s",
+    "warmup_s", "decode_kernel", "prefill_s", "decode_s", "read_bytes_s",
 }
 
 
@@ -30,7 +30,12 @@ def test_bench_tiny_json_schema():
     [ours] = out["results"]
     assert set(ours) == RESULT_KEYS and ours["engine"] == "phimoe"
     assert ours["prefill_tok_s"] > 0 and ours["decode_tok_s"] > 0 and ours["peak_memory_bytes"] > 0
-    assert len(ours["prefill_s"]) == len(ours["decode_s"]) == 1
+    assert len(ours["prefill_s"]) == len(ours["decode_s"]) == len(ours["read_bytes_s"]) == 1
+    # the roofline is judged per timed run, against the bandwidth read just before that run
+    [decode_s], [read] = ours["decode_s"], ours["read_bytes_s"]
+    assert out["bandwidth_bytes_s"] == read
+    want = 100 * 4 / decode_s * out["active_bytes_per_token"] / read
+    assert ours["roofline_pct"] == pytest.approx(want, rel=1e-9)
     assert "ratios" not in out
 
 
