@@ -2,6 +2,7 @@
 
     python3 benchmarks/peers.py                      # the `mid` shape, 2 threads, 2 rounds
     python3 benchmarks/peers.py --rounds 3 --threads 2 --settings bf16,int8,nf4
+    python3 benchmarks/peers.py --settings bf16 --depth 4096 --gen 32   # decode at 4K of context
 
 What it does (nothing here runs in CI):
 
@@ -75,9 +76,11 @@ def build_llama_cpp() -> Path:
     return src
 
 
-def make_checkpoint(shape: str, work: Path, layers: int | None = None) -> Path:
-    """A random-weight checkpoint of ``shape`` in the hub's layout, bf16 on disk, with tokenizer files."""
-    path = work / f"{shape}{f'-{layers}layers' if layers else ''}-bf16"
+def make_checkpoint(shape: str, work: Path, layers: int | None = None, long: bool = False) -> Path:
+    """A random-weight checkpoint of ``shape`` in the hub's layout, bf16 on disk, with tokenizer files;
+    ``long``: the published 128K context (LongRoPE's long factors beyond 4096 tokens, no sliding
+    window within it), else 4096 positions."""
+    path = work / f"{shape}{f'-{layers}layers' if layers else ''}{'-long' if long else ''}-bf16"
     if (path / "model.safetensors.index.json").exists():
         return path
     sys.path.insert(0, str(ROOT / "tests"))
@@ -95,8 +98,9 @@ def make_checkpoint(shape: str, work: Path, layers: int | None = None) -> Path:
                                           "num_key_value_heads", "num_local_experts", "vocab_size")}
     if layers:
         dims["num_hidden_layers"] = layers
-    config = make_config(0, **dims, max_position_embeddings=4096, original_max_position_embeddings=4096,
-                         sliding_window=4096)
+    context = 131072 if long else 4096
+    config = make_config(0, **dims, max_position_embeddings=context, original_max_position_embeddings=4096,
+                         sliding_window=context)
     write_checkpoint(path, config, shards=4, dtype=torch.bfloat16)
     return path
 
@@ -158,12 +162,14 @@ def time_ours(path: Path, prompt: str, gen: int, threads: int) -> tuple[float, f
 NO_REPACK: set[Path] = set()  # models whose llama-bench run crashed with the default (repacked) weights
 
 
-def time_llama(src: Path, model: Path, prompt: int, gen: int, threads: int) -> tuple[float, float]:
+def time_llama(src: Path, model: Path, prompt: int, gen: int, threads: int, depth: int = 0) -> tuple[float, float]:
     """llama-bench's prefill / decode tok/s. Where it dies of a signal with its default repacked
     weights (seen on an Intel Xeon with AMX: Q8_0 and Q4_0 of this MoE crash in the AMX / repacked
     path), it is run again with ``--repack 0`` and the table says so."""
     bench = src / "build" / "bin" / "llama-bench"
     cmd = [bench, "-m", model, "-p", prompt, "-n", gen, "-t", threads, "-o", "json"]
+    if depth:  # decode only, after a context of `depth` tokens (prefilled before each of 2 runs)
+        cmd = [bench, "-m", model, "-p", 0, "-n", gen, "-d", depth, "-r", 2, "-t", threads, "-o", "json"]
     try:
         if model in NO_REPACK:
             raise subprocess.CalledProcessError(-1, cmd)
@@ -174,22 +180,27 @@ def time_llama(src: Path, model: Path, prompt: int, gen: int, threads: int) -> t
         NO_REPACK.add(model)
         out = run([*cmd, "--repack", "0"], capture_output=True, env=llama_env(src)).stdout
     rows = json.loads(out)
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"])
+    pp = next((r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"]), 0.0)
     tg = next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])
     return pp, tg
 
 
 def prompt_of(path: Path, tokens: int) -> str:
-    """A raw prompt of exactly ``tokens`` tokens for this checkpoint's tokenizer."""
+    """A raw prompt of ``tokens`` tokens (or one fewer) for this checkpoint's tokenizer."""
     from phimoe_cli.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(path)
     words = ["alpha", "river", "stone", "light", "north", "paper", "seven", "green"]
-    text, i = "", 0
-    while len(tok.encode(text)) < tokens:
-        text += (" " if text else "") + words[i % len(words)]
-        i += 1
-    return text
+
+    def text(n: int) -> str:
+        return " ".join(words[i % len(words)] for i in range(n))
+
+    n = tokens  # words; then one at a time to the exact count (each word is a token or more)
+    while len(tok.encode(text(n))) > tokens:
+        n -= max(1, (len(tok.encode(text(n))) - tokens) // 2)
+    while len(tok.encode(text(n + 1))) <= tokens and len(tok.encode(text(n))) < tokens:
+        n += 1
+    return text(n)
 
 
 def isa() -> str:
@@ -211,12 +222,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=0,
+                    help="decode after a context of this many tokens (phimoe: a prompt that long; llama-bench -d)")
     args = ap.parse_args()
     src = build_llama_cpp()
     work = peers_dir() / "models"
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(args.shape, work, args.layers)
-    prompt = prompt_of(checkpoint, args.prompt)
+    checkpoint = make_checkpoint(args.shape, work, args.layers, long=args.depth + args.gen > 4096)
+    prompt = prompt_of(checkpoint, args.depth or args.prompt)
     settings = args.settings.split(",")
     models = {s: (ours_checkpoint(checkpoint, SETTINGS[s][0], work), gguf(src, checkpoint, SETTINGS[s][1], work))
               for s in settings}
@@ -225,12 +238,14 @@ def main() -> None:
         for s in settings:
             ours, theirs = models[s]
             got = (*time_ours(ours, prompt, args.gen, args.threads),
-                   *time_llama(src, theirs, args.prompt, args.gen, args.threads))
+                   *time_llama(src, theirs, args.prompt, args.gen, args.threads, args.depth))
             best[s] = [max(a, b) for a, b in zip(best[s], got, strict=True)]
             print(f"round {r + 1} {s}: ours {got[0]:.0f} / {got[1]:.1f}, llama.cpp {got[2]:.0f} / {got[3]:.1f} tok/s",
                   file=sys.stderr)
     layers = f" ({args.layers} layers)" if args.layers else ""
-    print(f"{args.shape}{layers}, {args.threads} threads, prompt {args.prompt}, {args.gen} new tokens, best of "
+    what = (f"decode after {args.depth} tokens of context (phimoe's prefill column: that prompt; "
+            f"llama-bench -d, no prefill column)" if args.depth else f"prompt {args.prompt}")
+    print(f"{args.shape}{layers}, {args.threads} threads, {what}, {args.gen} new tokens, best of "
           f"{args.rounds} interleaved rounds; CPU: {isa()}")
     print("| setting | phimoe prefill / decode tok/s | llama.cpp | prefill / decode tok/s | ratio prefill |"
           " ratio decode |")
@@ -239,8 +254,8 @@ def main() -> None:
         p, d, lp, ld = best[s]
         ours = "bf16" if s == "bf16" else f"-q {s} --quantize-attention"
         theirs = SETTINGS[s][1] + (" (`--repack 0`: it crashed without)" if models[s][1] in NO_REPACK else "")
-        print(f"| {ours} | {p:.0f} / {d:.1f} | {theirs} | {lp:.0f} / {ld:.1f} | {p / lp:.2f}x "
-              f"| {d / ld:.2f}x |")
+        ratio = f"{p / lp:.2f}x" if lp else "-"
+        print(f"| {ours} | {p:.0f} / {d:.1f} | {theirs} | {lp:.0f} / {ld:.1f} | {ratio} | {d / ld:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,10 @@ def test_dequantized_rows_are_the_values_dequantize_gives(lib, quant, n, k):
         out = torch.full((n - 3, k), float("nan"))
         assert native.dequantize_rows(lib, m, index, 2, n - 1, out)
         assert torch.equal(out, m.dequantize(index, torch.float32)[2 : n - 1])
+        # straight to bfloat16 (where prefill multiplies bfloat16): those values rounded as torch rounds
+        half = torch.full((n - 3, k), float("nan"), dtype=torch.bfloat16)
+        assert native.dequantize_rows(lib, m, index, 2, n - 1, half)
+        assert torch.equal(half, m.dequantize(index, torch.float32)[2 : n - 1].bfloat16())
 
 
 def sparsemixer_c(lib, scores: torch.Tensor, top_k: int, jitter_eps: float):

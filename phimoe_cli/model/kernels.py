@@ -97,20 +97,23 @@ def upcast_linear(x, weight, bias=None, block_bytes: int = UPCAST_BLOCK_BYTES) -
                           block_bytes=block_bytes)
 
 
-def blocked_linear(x, shape, fill, bias=None, dtype=torch.float32, block_bytes: int = UPCAST_BLOCK_BYTES):
+def blocked_linear(x, shape, fill, bias=None, dtype=torch.float32, block_bytes: int = UPCAST_BLOCK_BYTES,
+                   block_dtype=torch.float32):
     """``F.linear`` by a weight of ``shape`` [n, k] that exists only a block of rows at a time:
-    ``fill(start, end, out)`` writes rows start..end into the float32 block ``out``, which is then
-    multiplied in ``dtype`` (float32, or rounded to bfloat16 / float16 first)."""
+    ``fill(start, end, out)`` writes rows start..end into the block ``out`` (``block_dtype``:
+    float32, or ``dtype`` itself), which is then multiplied in ``dtype`` (float32, or rounded to
+    bfloat16 / float16 first)."""
     n, k = shape
-    rows = max(1, min(n, block_bytes // (4 * k)))
+    rows = max(1, min(n, block_bytes // (block_dtype.itemsize * k)))
     xc = x.reshape(-1, k).to(dtype)
     out = torch.empty(xc.shape[0], n, dtype=dtype, device=x.device)
-    block = _scratch(rows * k, x.device).view(rows, k)
+    words = -(-rows * k * block_dtype.itemsize // 4)  # the scratch space is counted in float32
+    block = _scratch(words, x.device).view(block_dtype)[: rows * k].view(rows, k)
     for start in range(0, n, rows):
         w = block[: min(rows, n - start)]
         end = start + w.shape[0]
         fill(start, end, w)
-        wc = w if dtype == torch.float32 else w.to(dtype)
+        wc = w if dtype == block_dtype else w.to(dtype)
         if bias is None:
             out[:, start:end] = xc @ wc.t()
         else:

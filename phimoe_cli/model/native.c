@@ -12,6 +12,7 @@
  * Built by native.py with the host's compiler (-O3 -march=native -fopenmp); loaded with ctypes.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
@@ -462,57 +463,84 @@ void phimoe_qlinear(const Mat *m, long e, const bf16 *b, const bf16 *x, bf16 *y,
 /* rows r0..r1 of matrix e of m, as float32 values, into out [(r1 - r0), K]: int8 q * scale;
  * 4-bit (lut[code] / 127) * absmax; the same float32 operations as quant.dequantize, so the
  * same values. For prefill, which multiplies many rows by each weight. */
+static void dequantize_row(const Mat *m, long e, long n, long K, long i, float *o) {
+    if (m->kind == W_I8) {
+        const int8_t *w = (const int8_t *)m->w + (e * n + i) * K;
+        const float s = m->s[e * n + i];
+        for (long k = 0; k < K; k++) o[k] = (float)w[k] * s;
+        return;
+    }
+    const uint8_t *p = (const uint8_t *)m->w + (e * n + i) * (K / 2);
+    const float *a = m->s + (e * n + i) * (K / 64);
+    float code[16];
+    for (int c = 0; c < 16; c++) code[c] = (float)m->lut[c] / 127.f;
+#if defined(__AVX512F__)
+    const __m512 tbl = _mm512_loadu_ps(code);
+    for (long b = 0; b < K / 64; b++) {
+        const __m512 av = _mm512_set1_ps(a[b]);
+        for (int j = 0; j < 32; j += 8) { /* 8 bytes: 16 codes, high nibble first */
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 32 * b + j)));
+            /* lanes 0-7: bytes j..j+7 twice over, as (high, low) pairs */
+            const __m512i pairs = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+            const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15));
+            _mm512_storeu_ps(o + 64 * b + 2 * j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av));
+        }
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    for (long b = 0; b < K / 64; b++) {
+        const __m256 av = _mm256_set1_ps(a[b]);
+        for (int j = 0; j < 32; j += 4) { /* 4 bytes: 8 codes, high nibble first */
+            int32_t bytes;
+            memcpy(&bytes, p + 32 * b + j, 4);
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v, dup), shift),
+                                                 _mm256_set1_epi32(15));
+            const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign bit: code >= 8 */
+            const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx), high);
+            _mm256_storeu_ps(o + 64 * b + 2 * j, _mm256_mul_ps(val, av));
+        }
+    }
+#else
+    for (long b = 0; b < K / 64; b++)
+        for (int j = 0; j < 32; j++) {
+            const uint8_t v = p[32 * b + j];
+            o[64 * b + 2 * j] = code[v >> 4] * a[b];
+            o[64 * b + 2 * j + 1] = code[v & 15] * a[b];
+        }
+#endif
+}
+
 void phimoe_dequantize(const Mat *m, long e, long n, long K, long r0, long r1, float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = r0; i < r1; i++) {
-        float *o = out + (i - r0) * K;
-        if (m->kind == W_I8) {
-            const int8_t *w = (const int8_t *)m->w + (e * n + i) * K;
-            const float s = m->s[e * n + i];
-            for (long k = 0; k < K; k++) o[k] = (float)w[k] * s;
-            continue;
-        }
-        const uint8_t *p = (const uint8_t *)m->w + (e * n + i) * (K / 2);
-        const float *a = m->s + (e * n + i) * (K / 64);
-        float code[16];
-        for (int c = 0; c < 16; c++) code[c] = (float)m->lut[c] / 127.f;
+    for (long i = r0; i < r1; i++) dequantize_row(m, e, n, K, i, out + (i - r0) * K);
+}
+
+/* the same values rounded to bfloat16 (to nearest even, as torch rounds), into out
+ * [(r1 - r0), K]: for the prompt's pass where the CPU multiplies bfloat16 natively, so the
+ * weights are widened straight into the GEMM's dtype, a row at a time through the cache */
+void phimoe_dequantize_bf16(const Mat *m, long e, long n, long K, long r0, long r1, bf16 *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = (float *)malloc(4 * K + 64);
+#pragma omp for schedule(static)
+        for (long i = r0; i < r1; i++) {
+            bf16 *o = out + (i - r0) * K;
+            dequantize_row(m, e, n, K, i, row);
+            long k = 0;
 #if defined(__AVX512F__)
-        const __m512 tbl = _mm512_loadu_ps(code);
-        for (long b = 0; b < K / 64; b++) {
-            const __m512 av = _mm512_set1_ps(a[b]);
-            for (int j = 0; j < 32; j += 8) { /* 8 bytes: 16 codes, high nibble first */
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 32 * b + j)));
-                /* lanes 0-7: bytes j..j+7 twice over, as (high, low) pairs */
-                const __m512i pairs = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
-                const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-                const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15));
-                _mm512_storeu_ps(o + 64 * b + 2 * j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av));
-            }
-        }
-#elif defined(__AVX2__) && defined(__FMA__)
-        const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
-        const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-        for (long b = 0; b < K / 64; b++) {
-            const __m256 av = _mm256_set1_ps(a[b]);
-            for (int j = 0; j < 32; j += 4) { /* 4 bytes: 8 codes, high nibble first */
-                int32_t bytes;
-                memcpy(&bytes, p + 32 * b + j, 4);
-                const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
-                const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v, dup), shift),
-                                                     _mm256_set1_epi32(15));
-                const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* sign bit: code >= 8 */
-                const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx), high);
-                _mm256_storeu_ps(o + 64 * b + 2 * j, _mm256_mul_ps(val, av));
-            }
-        }
-#else
-        for (long b = 0; b < K / 64; b++)
-            for (int j = 0; j < 32; j++) {
-                const uint8_t v = p[32 * b + j];
-                o[64 * b + 2 * j] = code[v >> 4] * a[b];
-                o[64 * b + 2 * j + 1] = code[v & 15] * a[b];
+            for (; k + 16 <= K; k += 16) { /* f2bf, 16 at a time */
+                const __m512i v = _mm512_castps_si512(_mm512_loadu_ps(row + k));
+                const __m512i r = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1)),
+                                                   _mm512_set1_epi32(0x7FFF));
+                _mm256_storeu_si256((__m256i *)(o + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(v, r), 16)));
             }
 #endif
+            for (; k < K; k++) o[k] = f2bf(row[k]);
+        }
+        free(row);
     }
 }
 

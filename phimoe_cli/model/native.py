@@ -139,6 +139,8 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.phimoe_dequantize.restype = None
     lib.phimoe_dequantize.argtypes = [ctypes.POINTER(Mat)] + [ctypes.c_long] * 5 + [ctypes.c_void_p, ctypes.c_int]
+    lib.phimoe_dequantize_bf16.restype = None
+    lib.phimoe_dequantize_bf16.argtypes = lib.phimoe_dequantize.argtypes
     lib.phimoe_qmatmul_scratch.restype = ctypes.c_long
     lib.phimoe_qmatmul_scratch.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_int]
     lib.phimoe_qmatmul.restype = None
@@ -306,13 +308,15 @@ def bf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: t
 
 
 def dequantize_rows(lib: ctypes.CDLL, weight, index: int, start: int, end: int, out: torch.Tensor) -> bool:
-    """Rows start..end of matrix ``index`` of quantized matrices ``weight`` as float32 values, into
-    ``out`` (contiguous, float32, on the CPU); False where the C kernels cannot read ``weight``."""
+    """Rows start..end of matrix ``index`` of quantized matrices ``weight`` as float32 values, or
+    those values rounded to bfloat16, into ``out`` (contiguous, float32 or bfloat16, on the CPU);
+    False where the C kernels cannot read ``weight``."""
     found = matrix(weight)
-    if found is None or not out.is_contiguous() or out.dtype != torch.float32:
+    if found is None or not out.is_contiguous() or out.dtype not in (torch.float32, torch.bfloat16):
         return False
     n, k = weight.shape
-    lib.phimoe_dequantize(ctypes.byref(found[0]), index, n, k, start, end, out.data_ptr(), torch.get_num_threads())
+    fn = lib.phimoe_dequantize if out.dtype == torch.float32 else lib.phimoe_dequantize_bf16
+    fn(ctypes.byref(found[0]), index, n, k, start, end, out.data_ptr(), torch.get_num_threads())
     return True
 
 
