@@ -37,6 +37,7 @@ from phimoe_cli.model.kernels import prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.memory import QUANT_BYTES, active_bytes, available_ram, weight_bytes
 from phimoe_cli.model.native import cpuinfo
+from phimoe_cli.model.offload import cache_capacity, offload_stats
 from phimoe_cli.model.quant import quantize_in_place
 
 SHAPES: dict[str, dict] = {
@@ -65,11 +66,16 @@ def shape_config(shape: str, layers: int | None = None) -> PhimoeConfig:
 
 
 # ------------------------------------------------------------------------------- random weights
-def random_model(config: PhimoeConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A PhimoeForCausalLM with random weights, built in place (no float32 copy, no file)."""
+def random_model(config: PhimoeConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 offload_capacity: int | None = None):
+    """A PhimoeForCausalLM with random weights, built in place (no float32 copy, no file); with
+    ``offload_capacity``, its experts in host memory and that many per layer cached on ``device``."""
     torch.manual_seed(seed)
-    model = build_empty(PhimoeForCausalLM, config, dtype, device)
+    model = build_empty(PhimoeForCausalLM, config, dtype, device, offload_capacity=offload_capacity)
     with torch.no_grad():
+        for module in model.modules():
+            for t in getattr(module, "host", {}).values():  # offloaded experts: plain tensors, not parameters
+                t.normal_(0.0, 1.0 / math.sqrt(t.shape[-1]))
         for name, p in model.named_parameters():
             if "layernorm" in name or name.startswith("model.norm"):
                 p.fill_(1.0) if name.endswith("weight") else p.zero_()
@@ -290,6 +296,23 @@ def transformers_model(model: PhimoeForCausalLM):
 
 
 # ----------------------------------------------------------------------------------------- run
+def _check_options(quantize, quantize_attention, compare, offload, prompt_tokens, gen_tokens, repeat) -> None:
+    if quantize not in ("none", *QUANT_BYTES):
+        raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(QUANT_BYTES)})")
+    if quantize_attention and quantize == "none":
+        raise UsageError("--quantize-attention needs --quantize int8, nf4 or fp4")
+    if quantize != "none" and compare is not None:
+        raise UsageError("--compare runs on unquantized weights: use it without --quantize")
+    if compare is not None and compare not in COMPARE:
+        raise UsageError(f"--compare: unknown engine {compare!r} (choose {', '.join(COMPARE)})")
+    if offload not in ("none", "experts"):
+        raise UsageError(f"--offload: phimoe bench runs none or experts, not {offload!r}")
+    if offload != "none" and (quantize != "none" or compare is not None):
+        raise UsageError("--offload works with unquantized experts, without --compare")
+    if prompt_tokens < 1 or gen_tokens < 0 or repeat < 1:
+        raise UsageError("-p must be >= 1, -n >= 0 and --repeat >= 1")
+
+
 def run(
     shape: str = "mid",
     prompt_tokens: int = 128,
@@ -303,24 +326,17 @@ def run(
     seed: int = 0,
     quantize: str = "none",
     quantize_attention: bool = False,
+    offload: str = "none",
+    gpu_memory: int | None = None,
 ) -> dict:
-    if quantize not in ("none", *QUANT_BYTES):
-        raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(QUANT_BYTES)})")
-    if quantize_attention and quantize == "none":
-        raise UsageError("--quantize-attention needs --quantize int8, nf4 or fp4")
-    if quantize != "none" and compare is not None:
-        raise UsageError("--compare runs on unquantized weights: use it without --quantize")
-    if compare is not None and compare not in COMPARE:
-        raise UsageError(f"--compare: unknown engine {compare!r} (choose {', '.join(COMPARE)})")
-    if prompt_tokens < 1 or gen_tokens < 0 or repeat < 1:
-        raise UsageError("-p must be >= 1, -n >= 0 and --repeat >= 1")
+    _check_options(quantize, quantize_attention, compare, offload, prompt_tokens, gen_tokens, repeat)
     if threads is not None:
         torch.set_num_threads(threads)
     config = shape_config(shape, layers)
     torch_dtype = resolve_dtype(dtype, config)
     dev = resolve_device(device)
     need = weight_bytes(config, torch_dtype.itemsize)
-    available = _available_memory(dev)
+    available = _available_memory(torch.device("cpu") if offload == "experts" else dev)  # offload: host RAM
     if available is not None and need > available:
         raise UsageError(
             f"shape {shape} needs {_gib(need)} of weights in {dtype}, {_gib(available)} is available:"
@@ -334,14 +350,16 @@ def run(
     tokens = torch.randint(0, config.vocab_size, (1, prompt_tokens + gen_tokens), generator=g).to(dev)
     prompt, steps = tokens[:, :prompt_tokens], tokens[:, prompt_tokens:]
 
+    capacity = cache_capacity(config, torch_dtype.itemsize, dev, gpu_memory) if offload == "experts" else None
     t = time.perf_counter()
-    model = random_model(config, torch_dtype, dev, seed)
+    model = random_model(config, torch_dtype, dev, seed, capacity)
     if quantize != "none":
         quantize_in_place(model, quantize, quantize_attention)
     decode.choose(model)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
     results = [time_engine(ours, prompt, steps, repeat, dev, probe)]
+    expert_cache = offload_stats(model) or None  # capacity, hits, misses, hit rate
     logit_diff = None
     if compare == "transformers":
         ref = _Transformers(transformers_model(model))
@@ -386,6 +404,8 @@ def run(
                             "before each timed run (median)",
         "roofline_tok_s": roofline,
         "prefill_compute_dtype": str(prefill_dtype(torch_dtype, dev)).removeprefix("torch."),
+        "offload": offload,
+        "expert_cache": expert_cache,
         "results": [asdict(r) for r in results],
         "versions": _versions(compare),
         "machine": _machine(dev),
@@ -470,6 +490,11 @@ def render(result: dict, console=None) -> None:
         f"{result['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({result['bandwidth_method']}) = "
         f"{result['roofline_tok_s']:.1f} tok/s; machine: {result['machine']}"
     )
+    cache = result.get("expert_cache")
+    if cache:
+        console.print(f"offloaded experts: {cache['capacity_per_layer']} per layer on {result['device']}, hit rate "
+                      f"{cache['hit_rate']:.0%} ({cache['hits']} hits, {cache['misses']} misses); the roofline "
+                      "counts device memory only")
     if "ratios" in result:
         r = result["ratios"]
         decode = f"{r['decode']:.2f}x" if r["decode"] else "-"

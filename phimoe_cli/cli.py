@@ -278,15 +278,18 @@ def bench(
                                                 help="Also run 'transformers' on the same weights.")] = None,
     quantize: options.Quantize = None,
     quantize_attention: options.QuantizeAttention = False,
+    offload: options.Offload = "none",
+    gpu_memory: options.GpuMemory = None,
     json_out: options.Json = False,
 ) -> None:
     """Prefill and decode speed of a random-weight model of a given shape, against the roofline."""
     from phimoe_cli.bench import main as run_bench
+    from phimoe_cli.runtime import parse_size
 
     raise typer.Exit(run_bench(
         as_json=json_out, shape=shape, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, dtype=dtype,
         device=device, threads=threads, repeat=repeat, layers=layers, compare=compare, quantize=quantize or "none",
-        quantize_attention=quantize_attention,
+        quantize_attention=quantize_attention, offload=offload, gpu_memory=parse_size(gpu_memory),
     ))
 
 
@@ -338,6 +341,11 @@ def main() -> None:
 
         if isinstance(exc, PhimoeError):
             code = report(exc)
+        elif type(exc).__name__ == "OutOfMemoryError":  # torch's, on a GPU: what to try, not its page of advice
+            first = " ".join(str(exc).split(". ")[0].split()) or "out of memory"
+            sys.stderr.write(f"error: {first}: the model, its cache or the prompt does not fit the GPU; try -q nf4, "
+                             "--offload experts, a smaller --gpu-memory or --device cpu\n")
+            code = 1
         else:  # not one we explain: a bug, or a failure we have not met yet
             text = " ".join(str(exc).split()) or type(exc).__name__
             sys.stderr.write(f"error: {type(exc).__name__}: {text} (set PHIMOE_DEBUG=1 for a traceback)\n")

@@ -66,3 +66,17 @@ def test_compare_transformers_runs_the_same_weights():
     assert [r["engine"] for r in out["results"]] == ["phimoe", "transformers"]
     assert out["max_abs_logit_diff"] < 1e-3  # the weight mapping is right
     assert out["ratios"]["prefill"] > 0 and out["ratios"]["decode"] > 0
+
+
+def test_bench_with_offloaded_experts_reports_the_cache():
+    cmd = [sys.executable, "-m", "phimoe_cli.cli", "bench", "--shape", "tiny", "-p", "8", "-n", "4", "--json",
+           "--repeat", "1", "--threads", "1", "--offload", "experts", "--gpu-memory", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cache = out["expert_cache"]
+    assert out["offload"] == "experts" and cache["capacity_per_layer"] == 2  # the top-2 at least
+    # 2 runs (warm-up and timed) of 8 prompt tokens and 4 steps, 2 layers, top-2 of 4 experts each
+    assert 0 < cache["hits"] + cache["misses"] <= 2 * 2 * (4 + 4 * 2) and cache["misses"] >= 2 * 2
+    bad = subprocess.run([*cmd[:-4], "--offload", "disk"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "none or experts" in bad.stderr

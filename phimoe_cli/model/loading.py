@@ -26,7 +26,7 @@ from phimoe_cli.errors import PhimoeError, UsageError
 from . import decode, hugepages
 from .config import ConfigError, PhimoeConfig, dtype_name
 from .layers import LongRoPE
-from .offload import OffloadedExperts, capacity_for_budget, plan_placement, swap_in_offloaded
+from .offload import OffloadedExperts, cache_capacity, plan_placement, swap_in_offloaded
 from .phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 from .quant import QUANT_TYPES, QuantizedExperts, QuantizedLinear, swap_in_quantized
 
@@ -401,10 +401,7 @@ def load_model(
     if offload != "none":
         if quantize != "none":
             raise UsageError("--offload works with unquantized experts for now (use one or the other)")
-        budget = gpu_memory
-        if budget is None and dev.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(dev)[0] * 0.9)
-        capacity = capacity_for_budget(config, budget or 0, torch_dtype.itemsize)
+        capacity = cache_capacity(config, torch_dtype.itemsize, dev, gpu_memory)
     model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity, offload == "disk")
     load_weights(model, path, config, progress, saved_quantized=saved is not None)
     model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}

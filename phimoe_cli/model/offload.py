@@ -113,6 +113,15 @@ def capacity_for_budget(config, budget_bytes: int, dtype_bytes: int) -> int:
     return int(max(config.num_experts_per_tok, min(config.num_local_experts, per_layer)))
 
 
+def cache_capacity(config, dtype_bytes: int, device: torch.device, gpu_memory: int | None) -> int:
+    """Experts per layer for ``--offload experts``: what ``gpu_memory`` bytes hold, or (None) 90%
+    of the GPU's free memory; on the CPU without a budget, the top-k only."""
+    budget = gpu_memory
+    if budget is None and device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    return capacity_for_budget(config, budget or 0, dtype_bytes)
+
+
 def plan_placement(config, dtype_bytes: int = 2, quantize: str = "none", gpu_memory: int | None = None,
                    kv_tokens: int = 4096, host_ram: int | None = None) -> dict:
     """Where ``--device auto`` puts the model: on the GPU if it all fits; on the GPU with experts
