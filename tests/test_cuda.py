@@ -95,7 +95,8 @@ def test_lru_cache_on_cuda_follows_a_scripted_routing():
     x = torch.randn(3, 16, device="cuda").bfloat16()
     for e in (0, 1, 0, 2, 1, 3, 3):  # capacity 2: miss, miss, hit, miss (1 out), miss (0 out), miss (2 out), hit
         w1, w2, w3 = (experts.host[w][e].cuda() for w in ("w1", "w2", "w3"))
-        want = torch.nn.functional.linear(torch.nn.functional.silu(x @ w1.t()) * (x @ w3.t()), w2)
+        linear = torch.nn.functional.linear
+        want = linear(torch.nn.functional.silu(linear(x, w1)) * linear(x, w3), w2)
         assert torch.equal(experts.expert(e, x), want)
     assert (experts.hits, experts.misses) == (2, 5)
     assert list(experts.slot_of) == [1, 3]
