@@ -339,7 +339,8 @@ def run(
     available = _available_memory(torch.device("cpu") if offload == "experts" else dev)  # offload: host RAM
     if available is not None and need > available:
         raise UsageError(
-            f"shape {shape} needs {_gib(need)} of weights in {dtype}, {_gib(available)} is available:"
+            f"shape {shape} needs {_gib(need)} of weights in {str(torch_dtype).removeprefix('torch.')}, "
+            f"{_gib(available)} is available:"
             f" use --layers N to keep fewer layers"
         )
     if compare == "transformers":

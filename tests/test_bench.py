@@ -80,3 +80,11 @@ def test_bench_with_offloaded_experts_reports_the_cache():
     assert 0 < cache["hits"] + cache["misses"] <= 2 * 2 * (4 + 4 * 2) and cache["misses"] >= 2 * 2
     bad = subprocess.run([*cmd[:-4], "--offload", "disk"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "none or experts" in bad.stderr
+
+
+def test_a_shape_too_big_for_the_memory_is_one_line_naming_the_dtype():
+    cmd = [sys.executable, "-m", "phimoe_cli.cli", "bench", "--shape", "phi-3.5-moe", "--layers", "1024", "-p", "4",
+           "-n", "1", "--repeat", "1"]  # ~5 TB of bf16 weights
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "of weights in bfloat16" in r.stderr and "use --layers N" in r.stderr
