@@ -195,10 +195,10 @@ def prompt_of(path: Path, tokens: int) -> str:
     def text(n: int) -> str:
         return " ".join(words[i % len(words)] for i in range(n))
 
-    n = tokens  # words; then one at a time to the exact count (each word is a token or more)
-    while len(tok.encode(text(n))) > tokens:
-        n -= max(1, (len(tok.encode(text(n))) - tokens) // 2)
-    while len(tok.encode(text(n + 1))) <= tokens and len(tok.encode(text(n))) < tokens:
+    n = tokens  # words (each a token or more): down until they fit, then up while one more still fits
+    while (count := len(tok.encode(text(n)))) > tokens:
+        n -= max(1, (count - tokens) // 2)
+    while len(tok.encode(text(n + 1))) <= tokens:
         n += 1
     return text(n)
 

@@ -11,7 +11,6 @@ Arguments: compiler flags for native.c, or paths of built libraries (``.so``); e
 in every round.
 """
 
-import os
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from phimoe_cli.model import hugepages, native
 from phimoe_cli.model.quant import QuantizedMatrices
 
-K, MIB = 4096, int(os.environ.get("ROW_READ_MIB", 256))  # a smaller size that fits in cache: compute speed
+K, MIB = 4096, 256
 libs = {arg: native.load(Path(arg)) if arg.endswith(".so") else native.library(arg)
         for arg in (sys.argv[1:] or [native.DEFAULT_FLAGS])}
 for arg, lib in libs.items():

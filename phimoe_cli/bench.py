@@ -37,7 +37,7 @@ from phimoe_cli.model.kernels import prefill_dtype
 from phimoe_cli.model.loading import build_empty, resolve_device, resolve_dtype
 from phimoe_cli.model.memory import QUANT_BYTES, active_bytes, available_ram, weight_bytes
 from phimoe_cli.model.native import cpuinfo
-from phimoe_cli.model.offload import cache_capacity, offload_stats
+from phimoe_cli.model.offload import OffloadedExperts, cache_capacity, offload_stats
 from phimoe_cli.model.quant import quantize_in_place
 
 SHAPES: dict[str, dict] = {
@@ -74,8 +74,9 @@ def random_model(config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
     model = build_empty(PhimoeForCausalLM, config, dtype, device, offload_capacity=offload_capacity)
     with torch.no_grad():
         for module in model.modules():
-            for t in getattr(module, "host", {}).values():  # offloaded experts: plain tensors, not parameters
-                t.normal_(0.0, 1.0 / math.sqrt(t.shape[-1]))
+            if isinstance(module, OffloadedExperts):  # its host copies are plain tensors, not parameters
+                for t in module.host.values():
+                    t.normal_(0.0, 1.0 / math.sqrt(t.shape[-1]))
         for name, p in model.named_parameters():
             if "layernorm" in name or name.startswith("model.norm"):
                 p.fill_(1.0) if name.endswith("weight") else p.zero_()
