@@ -170,8 +170,9 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
 
 
 def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatch):
-    """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, an expert's
-    rows beyond 16 go to the bfloat16 GEMM with its weight rows widened by C a block at a time
+    """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, on a CPU
+    with AMX, AMX tiles on weights widened in L1 (native.amx_matmul); without AMX an expert's rows
+    beyond 16 go to the bfloat16 GEMM with its weight rows widened by C a block at a time
     (blocked_linear); where prefill widens to float32, and for few rows, they are multiplied as
     integers against int16 activations (native.qmatmul). Either way close to each other."""
     from phimoe_cli.model import native
@@ -181,7 +182,7 @@ def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatc
     x = torch.randint(0, 32000, (1, 60), generator=torch.Generator().manual_seed(7))  # ~30 rows an expert
     model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
     calls = []
-    real_qmatmul, real_blocked = native.qmatmul, kernels.blocked_linear
+    real_qmatmul, real_blocked, real_amx = native.qmatmul, kernels.blocked_linear, native.amx_matmul
 
     def qmatmul(lib, x, w, *args):
         calls.append(("qmatmul", tuple(w.shape), x.numel() // x.shape[-1]))
@@ -191,15 +192,25 @@ def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatc
         calls.append(("blocked", tuple(shape), x.numel() // x.shape[-1]))
         return real_blocked(x, shape, *args, **kw)
 
+    def amx(lib, x, w, *args):
+        y = real_amx(lib, x, w, *args)
+        if y is not None:
+            calls.append(("amx", tuple(w.shape), x.numel() // x.shape[-1]))
+        return y
+
     monkeypatch.setattr(native, "qmatmul", qmatmul)
+    monkeypatch.setattr(native, "amx_matmul", amx)
     monkeypatch.setattr(quant, "blocked_linear", blocked)
     experts = {(model.config.intermediate_size, model.config.hidden_size),
                (model.config.hidden_size, model.config.intermediate_size)}
     with torch.inference_mode():
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
         in_bf16 = model(x).float()
-        assert all((kind == "blocked") == (rows > 16) for kind, shape, rows in calls if shape in experts)
-        assert experts <= {shape for kind, shape, _ in calls if kind == "blocked"}
+        on_amx = {"amx_tile", "amx_bf16"} <= set(native.cpuinfo().get("flags", "").split())
+        used = {kind for kind, shape, _ in calls if shape in experts}
+        assert used == {"amx"} if on_amx else "blocked" in used and used <= {"blocked", "qmatmul"}, used
+        assert all((kind == "blocked") == (rows > 16) for kind, shape, rows in calls if shape in experts and kind != "amx")
+        assert experts <= {shape for kind, shape, _ in calls if kind in ("blocked", "amx")}
         calls.clear()
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
         as_integers = model(x).float()

@@ -185,6 +185,42 @@ def test_dequantized_rows_are_the_values_dequantize_gives(lib, quant, n, k):
         assert torch.equal(half, m.dequantize(index, torch.float32)[2 : n - 1].bfloat16())
 
 
+AMX = {"amx_tile", "amx_bf16", "avx512_bf16"} <= FLAGS
+
+
+# n: 64-row passes (4 A tiles), 32 and 16; K: whole 256-value chunks and a tail; prompt rows: one
+# group of 16 (R = 4), two (R = 2), up to four, and more than a pass of 64
+@pytest.mark.parametrize("quant, n, k, rows", [("int8", 64, 544, 5), ("nf4", 128, 1600, 16), ("fp4", 48, 320, 17),
+                                               ("int8", 32, 96, 40), ("nf4", 16, 256, 70), ("bf16", 80, 608, 3),
+                                               ("bf16", 64, 1024, 130), ("int8", 20, 64, 4)])
+def test_amx_product_is_the_float32_sum_of_the_widened_weights(request, lib, quant, n, k, rows):
+    """The prompt's pass with AMX tiles: the weights widened to bfloat16 exactly as
+    dequantize_rows widens them (bfloat16 weights as they are), multiplied by the bfloat16 rows
+    exactly, summed in float32 and rounded once. Only the build for this CPU has it, and only
+    on a CPU with AMX; elsewhere (and for n not a multiple of 16) it declines, and callers take
+    the other kernels."""
+    g = torch.Generator().manual_seed(n + rows)
+    if quant == "bf16":
+        m = torch.randn(2, n, k, generator=g).bfloat16()
+        w = m[1].double()
+        weight, index = m[1], 0
+    else:
+        m, _ = _quantized(quant, n, k, seed=n * k + rows)
+        w = m.dequantize(1, torch.float32).bfloat16().double()
+        weight, index = m, 1
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    y = native.amx_matmul(lib, x, weight, index, bias)
+    if not (AMX and request.node.callspec.params["lib"] == "native") or n % 16:
+        assert y is None
+        return
+    assert y is not None and y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    exact = x.double() @ w.t() + bias.double()
+    bound = 2.0**-8 * exact.abs() + 1e-6 * k * (x.double().abs() @ w.abs().t())
+    assert ((y.double() - exact).abs() <= bound).all(), ((y.double() - exact).abs() - bound).max()
+    assert torch.equal(native.amx_matmul(lib, x[:1], weight, index), native.amx_matmul(lib, x, weight, index)[:1])
+
+
 def sparsemixer_c(lib, scores: torch.Tensor, top_k: int, jitter_eps: float):
     n = scores.numel()
     s = scores.float().contiguous()

@@ -29,6 +29,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 DEFAULT_FLAGS = "-march=native"
+#: the most prompt rows for which amx_matmul beats dequantizing for torch's GEMM (measured: quant_matmul.py)
+AMX_MAX_ROWS = 128
 
 
 class Dims(ctypes.Structure):
@@ -152,6 +154,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_bf16_matmul.restype = ctypes.c_int
     lib.phimoe_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [
         ctypes.c_int]
+    lib.phimoe_amx_matmul.restype = ctypes.c_int
+    lib.phimoe_amx_matmul.argtypes = [ctypes.POINTER(Mat)] + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_long] + [
+        ctypes.c_void_p] * 2 + [ctypes.c_int]
     lib.phimoe_linear.restype = None
     lib.phimoe_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -290,6 +295,22 @@ def qmatmul(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: tor
     scratch = torch.empty(lib.phimoe_qmatmul_scratch(rows.shape[0], k, threads), dtype=torch.uint8)
     lib.phimoe_qmatmul(ctypes.byref(found[0]), index, n, k, rows.data_ptr(), rows.shape[0], _ptr(bias), y.data_ptr(),
                        scratch.data_ptr(), threads)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def amx_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight, index: int = 0, bias: torch.Tensor | None = None):
+    """``F.linear`` of bfloat16 rows x [..., K] by matrix ``index`` of ``weight`` (bfloat16, or
+    quantized matrices widened to bfloat16 in L1 as ``dequantize_rows`` widens them) with AMX
+    tiles, summed in float32; None where it cannot run (no AMX, n not a multiple of 16, K of 32)."""
+    found = matrix(weight)
+    if found is None:
+        return None
+    n, k = weight.shape[-2:]
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    if not lib.phimoe_amx_matmul(ctypes.byref(found[0]), index, n, k, rows.data_ptr(), rows.shape[0], _ptr(bias),
+                                 y.data_ptr(), torch.get_num_threads()):
+        return None
     return y.reshape(*x.shape[:-1], n)
 
 
