@@ -209,7 +209,8 @@ def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatc
         on_amx = {"amx_tile", "amx_bf16"} <= set(native.cpuinfo().get("flags", "").split())
         used = {kind for kind, shape, _ in calls if shape in experts}
         assert used == {"amx"} if on_amx else "blocked" in used and used <= {"blocked", "qmatmul"}, used
-        assert all((kind == "blocked") == (rows > 16) for kind, shape, rows in calls if shape in experts and kind != "amx")
+        assert all((kind == "blocked") == (rows > 16)
+                   for kind, shape, rows in calls if shape in experts and kind != "amx")
         assert experts <= {shape for kind, shape, _ in calls if kind in ("blocked", "amx")}
         calls.clear()
         monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "float32")
