@@ -853,7 +853,7 @@ int phimoe_amx_matmul(const Mat *m, long e, long n, long K, const bf16 *X, long 
     if (n % 16 || K % 32 || M < 1 || !amx_permitted()) return 0;
     const long groups = (M + 15) / 16, chunks = K / 32;
     /* weight groups per pass: as many as the four C tiles leave, so that each B tile is read from
-     * L2 once per 16R weight rows, not once per 16 (2x at 8 prompt rows); but 1 for bfloat16, whose A
+     * L2 once per 16R weight rows, not once per 16 (~10% at 8 prompt rows); but 1 for bfloat16, whose A
      * tiles load straight from memory, where more rows at a time read 2-4x slower */
     int R = m->kind == W_BF16 ? 1 : groups == 1 ? 4 : groups == 2 ? 2 : 1;
     while (n % (16 * R)) R /= 2;
