@@ -29,8 +29,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 DEFAULT_FLAGS = "-march=native"
-#: the most prompt rows for which amx_matmul beats dequantizing for torch's GEMM (measured: quant_matmul.py)
-AMX_MAX_ROWS = 128
+#: the most prompt rows for which amx_matmul beats torch's GEMM on bf16 weights, and dequantizing
+#: quantized ones for it (measured: benchmarks/quant_matmul.py, real expert shapes)
+AMX_MAX_ROWS, AMX_MAX_ROWS_QUANTIZED = 128, 256
 
 
 class Dims(ctypes.Structure):

@@ -105,7 +105,7 @@ class QuantizedMatrices(nn.Module):
     def linear(self, i: int, x: torch.Tensor) -> torch.Tensor:
         lib = native.library() if self.qweight.device.type == "cpu" and x.dtype != torch.float64 else None
         compute, rows = prefill_dtype(x.dtype), x.numel() // x.shape[-1]
-        if (lib is not None and x.dtype == compute == torch.bfloat16 and rows <= native.AMX_MAX_ROWS
+        if (lib is not None and x.dtype == compute == torch.bfloat16 and rows <= native.AMX_MAX_ROWS_QUANTIZED
                 and not (self.quant_type == "int8" and rows <= 4)):
             # AMX tiles on weights widened in L1 (None without AMX). Measured (benchmarks/quant_matmul.py,
             # a 6400x4096 expert, 2 threads): 8 rows 3.3 ms (int8) / 3.0 ms (nf4), against 4.9 ms for
