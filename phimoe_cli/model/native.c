@@ -858,8 +858,13 @@ int phimoe_amx_matmul(const Mat *m, long e, long n, long K, const bf16 *X, long 
     int R = m->kind == W_BF16 ? 1 : groups == 1 ? 4 : groups == 2 ? 2 : 1;
     while (n % (16 * R)) R /= 2;
     const int G = 4 / R < 4 ? 4 / R : 4;
+    const size_t abytes = (size_t)16 * R * AMX_KC * 2; /* per thread, <= 32 KiB */
     uint32_t *B = (uint32_t *)aligned_alloc(64, (size_t)groups * chunks * 1024);
-    if (!B) return 0;
+    bf16 *abuf = (bf16 *)aligned_alloc(64, abytes * threads);
+    if (!B || !abuf) {
+        free(B), free(abuf);
+        return 0;
+    }
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -877,7 +882,7 @@ int phimoe_amx_matmul(const Mat *m, long e, long n, long K, const bf16 *X, long 
         cfg.palette = 1;
         for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
         _tile_loadconfig(&cfg);
-                bf16 *a = (bf16 *)aligned_alloc(64, 16 * R * AMX_KC * 2); /* <= 32 KiB */
+        bf16 *a = abuf + omp_get_thread_num() * (abytes / 2);
         float out[16 * 16];
 #pragma omp for schedule(static)
         for (long i0 = 0; i0 < n; i0 += 16 * R) {
@@ -912,10 +917,9 @@ int phimoe_amx_matmul(const Mat *m, long e, long n, long K, const bf16 *X, long 
                     }
             }
         }
-        free(a);
         _tile_release();
     }
-    free(B);
+    free(B), free(abuf);
     return 1;
 }
 #else
