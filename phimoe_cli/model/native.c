@@ -460,6 +460,18 @@ void phimoe_qlinear(const Mat *m, long e, const bf16 *b, const bf16 *x, bf16 *y,
     }
 }
 
+#if defined(__AVX512F__)
+/* 8 bytes of 4-bit codes (16 codes, high nibble first) as float32 values tbl[code] * av */
+static inline __m512 q4_values16(const uint8_t *p, __m512 tbl, __m512 av) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    /* lanes 0-7: the 8 bytes twice over, as (high, low) pairs */
+    const __m512i pairs = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+    const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15));
+    return _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av);
+}
+#endif
+
 /* rows r0..r1 of matrix e of m, as float32 values, into out [(r1 - r0), K]: int8 q * scale;
  * 4-bit (lut[code] / 127) * absmax; the same float32 operations as quant.dequantize, so the
  * same values. For prefill, which multiplies many rows by each weight. */
@@ -478,14 +490,7 @@ static void dequantize_row(const Mat *m, long e, long n, long K, long i, float *
     const __m512 tbl = _mm512_loadu_ps(code);
     for (long b = 0; b < K / 64; b++) {
         const __m512 av = _mm512_set1_ps(a[b]);
-        for (int j = 0; j < 32; j += 8) { /* 8 bytes: 16 codes, high nibble first */
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 32 * b + j)));
-            /* lanes 0-7: bytes j..j+7 twice over, as (high, low) pairs */
-            const __m512i pairs = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
-            const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-            const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15));
-            _mm512_storeu_ps(o + 64 * b + 2 * j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av));
-        }
+        for (int j = 0; j < 32; j += 8) _mm512_storeu_ps(o + 64 * b + 2 * j, q4_values16(p + 32 * b + j, tbl, av));
     }
 #elif defined(__AVX2__) && defined(__FMA__)
     const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
@@ -741,7 +746,7 @@ int phimoe_bf16_matmul(const bf16 *W, const bf16 *b, const bf16 *X, long M, long
 
 /* Y [M, n] = bf16(X [M, K] W^T + b) with AMX (Intel Sapphire Rapids and later): the prompt's
  * pass on few rows per matrix (an expert sees ~8 of a short prompt's tokens). W is bfloat16, int8
- * or 4-bit; quantized rows are widened 16 rows by AMX_KC values at a time into L1, as the same
+ * or 4-bit; quantized rows are widened 16-64 rows by AMX_KC values at a time into L1, as the same
  * bfloat16 values phimoe_dequantize_bf16 gives, and each 16 x 32 piece is an A tile. X is laid out
  * once as B tiles: row r of tile (g, c) holds, for each of prompt rows 16g..16g+15, the pair of
  * values 32c + 2r, 32c + 2r + 1. TDPBF16PS sums the products in float32 tiles [16 weight rows,
@@ -785,21 +790,14 @@ static void amx_widen(const Mat *m, long e, long n, long K, long i0, int rows, l
     float code[16];
     for (int c = 0; c < 16; c++) code[c] = (float)m->lut[c] / 127.f;
     const __m512 tbl = _mm512_loadu_ps(code);
-    const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0), low = _mm512_set1_epi32(15);
     for (int r = 0; r < rows; r++) {
         const uint8_t *p = (const uint8_t *)m->w + ((e * n + i0 + r) * K + k0) / 2;
         const float *s = m->s + ((e * n + i0 + r) * K + k0) / 64;
         for (long k = 0; k < kc / 2; k += 64) _mm_prefetch((const char *)(p + kc / 2 + k), _MM_HINT_T0);
         for (long k = 0; k < kc; k += 32) { /* 16 bytes: 32 codes, high nibble first */
             const __m512 av = _mm512_set1_ps(s[k / 64]);
-            __m512 v[2];
-            for (int h = 0; h < 2; h++) {
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k / 2 + 8 * h)));
-                const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup, b), shift), low);
-                v[h] = _mm512_mul_ps(_mm512_permutexvar_ps(idx, tbl), av);
-            }
-            _mm512_storeu_si512(a + r * kc + k, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+            const __m512 v0 = q4_values16(p + k / 2, tbl, av), v1 = q4_values16(p + k / 2 + 8, tbl, av);
+            _mm512_storeu_si512(a + r * kc + k, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
         }
     }
 }
