@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = {"bf16": "bf16", "int8": "int8 experts", "nf4": "nf4 experts", "offload": "bf16, --offload experts"}
+ROWS = {"bf16": "bf16", "bf16-eager": "bf16, eager decode", "int8": "int8 experts", "nf4": "nf4 experts",
+        "offload": "bf16, --offload experts"}
 
 
 def row(name: str, path: Path) -> str:
@@ -16,13 +17,13 @@ def row(name: str, path: Path) -> str:
     except (OSError, ValueError):
         err = path.with_suffix(".err")
         last = err.read_text().strip().splitlines()[-1:] if err.exists() else []
-        return f"| {ROWS[name]} | failed: {(last or ['no output'])[0][:100]} | | | | |"
+        return f"| {ROWS[name]} | failed: {(last or ['no output'])[0][:100]} | | | | | |"
     o = r["results"][0]
     cache = r.get("expert_cache")
     hit = f"{cache['hit_rate']:.0%} of {cache['hits'] + cache['misses']}" if cache else "-"
     roofline = (f"{o['roofline_pct']:.0f}% of {r['bandwidth_bytes_s'] / 1e9:.0f} GB/s, "
                 f"{r['active_bytes_per_token'] / 1e9:.2f} GB/token")
-    return (f"| {ROWS[name]} | {o['decode_tok_s']:.1f} | {o['prefill_tok_s']:.0f} "
+    return (f"| {ROWS[name]} | {o.get('decode_kernel') or '-'} | {o['decode_tok_s']:.1f} | {o['prefill_tok_s']:.0f} "
             f"| {o['peak_memory_bytes'] / 2**30:.1f} GiB | {roofline} | {hit} |")
 
 
@@ -32,8 +33,9 @@ def main(folder: str) -> None:
     if first:
         print(f"{first['shape']} ({first['config']['num_hidden_layers']} layers), {first['device']}, "
               f"prompt {first['prompt_tokens']}; {first['machine']}; torch {first['versions']['torch']}")
-    print("| setting | decode tok/s | prefill tok/s | peak memory | % of the memory roofline | expert-cache hits |")
-    print("|---|--:|--:|--:|---|---|")
+    print("| setting | decode path | decode tok/s | prefill tok/s | peak memory | % of the memory roofline "
+          "| expert-cache hits |")
+    print("|---|---|--:|--:|--:|---|---|")
     for name in ROWS:
         print(row(name, out / f"bench-{name}.json"))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_model_dir, run_phimoe
 
-from phimoe_cli.model import load_model
+from phimoe_cli.model import decode, load_model
 from phimoe_cli.model.offload import OffloadedExperts, offload_stats
 
 pytestmark = [
@@ -71,6 +71,38 @@ def test_greedy_tokens_through_the_longrope_boundary_equal_the_cpus(tmp_path):
         return out
 
     assert greedy("cuda") == greedy("cpu")
+
+
+def test_static_decode_is_captured_agrees_with_eager_and_never_syncs(small_dir):
+    """The default CUDA decode: one CUDA graph per cache, replayed per token with no host-device
+    sync (set_sync_debug_mode raises on one), and the tokens of the model's own layers."""
+    m = load_model(small_dir, dtype="bfloat16", device="cuda")
+    assert decode.kind(m) == "static"
+
+    def greedy(kind: str, steps: int = 40):
+        decode.choose(m, kind)
+        cache = m.new_cache(1, 128)  # room for every token: no growth, so one capture
+        toks, logits = [], []
+        with torch.inference_mode():
+            out = m(ids(20).cuda(), cache=cache, logits_to_keep=1)
+            for i in range(steps):
+                tok = out[0, -1].argmax().view(1, 1)
+                toks.append(tok)
+                logits.append(out[0, -1].float())
+                if kind == "static" and i >= 2:  # captured by now
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    out = m(tok, cache=cache, logits_to_keep=1)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        return [int(t) for t in toks], torch.stack(logits)
+
+    got_tokens, got = greedy("static")
+    step = m.model.decode_step
+    assert step.capture and len(step.graphs) == 1  # captured once, not fallen back
+    want_tokens, want = greedy("eager")
+    assert got_tokens == want_tokens
+    _close(got, want, 0.02)
 
 
 def test_offloaded_experts_on_cuda_equal_resident_ones(small_dir):

@@ -9,6 +9,9 @@ whole one-token step (every layer and the final norm) and the output head its ow
   bfloat16, int8 or 4-bit experts and attention projections.
 * ``compiled``: inductor kernels written as float32 reductions; a group of layers per compiled
   call where every layer is plain bfloat16/float32, else the plain parts of each layer.
+* ``static``: for CUDA, the one-token step with fixed shapes and no host-device sync (the
+  routing stays on the device; the chosen experts are read from the stacks by a grouped product),
+  captured once as a CUDA graph and replayed per token. Elsewhere (tests) it runs uncaptured.
 * ``eager``: no back-end; the model's own forward.
 
 ``choose(model, kind)`` sets ``model.model.decode_step`` (None for eager); ``PhimoeModel.forward``
@@ -30,27 +33,32 @@ from phimoe_cli.errors import UsageError
 from . import native
 from .layers import Experts, Linear, apply_rope, combine_chosen, sparsemixer
 
-KINDS = ("native", "compiled", "eager")
+KINDS = ("native", "compiled", "static", "eager")
 DECODE_GROUP = 4  # most layers per compiled call: 4 measured ~5% faster than 1; compiling takes ~4x longer
 
 
 def choose(model, kind: str | bool | None = None, lib=None) -> str:
     """Give ``model`` (a PhimoeForCausalLM) its one-token back-end and return its kind.
 
-    ``kind``: native, compiled or eager (True: compiled, False: eager); None: ``PHIMOE_DECODE_KERNEL``
-    if set, else the C step where it can run, else the compiled kernels for models of 256 MiB or
-    more on the CPU (where bandwidth dominates and the one-off compile, a few seconds, pays off),
-    else eager. Where ``native`` cannot run (no C compiler, float32 weights, offloaded experts)
-    the compiled kernels take over. ``lib``: a particular build of the C library (tests). Call it
-    again after replacing a model's weights: the C step points at the tensors it was given."""
+    ``kind``: native, compiled, static or eager (True: compiled, False: eager); None:
+    ``PHIMOE_DECODE_KERNEL`` if set, else on CUDA the captured static step where it can run,
+    else on the CPU the C step where it can run, else the compiled kernels for models of 256 MiB
+    or more on the CPU (where bandwidth dominates and the one-off compile, a few seconds, pays
+    off), else eager. Where ``native`` cannot run (no C compiler, float32 weights, offloaded
+    experts) the compiled kernels take over; where ``static`` cannot, eager. ``lib``: a
+    particular build of the C library (tests). Call it again after replacing a model's weights:
+    the C step points at the tensors it was given."""
     kind = {True: "compiled", False: "eager"}.get(kind, kind)
     if kind is None:
         kind = os.environ.get("PHIMOE_DECODE_KERNEL", "auto")
         if kind not in KINDS:
             kind = _default(model)
     if kind not in KINDS:
-        raise UsageError(f"unknown decode kernel {kind!r} (native, compiled or eager)")
+        raise UsageError(f"unknown decode kernel {kind!r} (native, compiled, static or eager)")
     step = None
+    if kind == "static":
+        model.model.decode_step = StaticStep() if supports_static(model) else None
+        return kind if model.model.decode_step is not None else "eager"
     if kind == "native":
         lib = lib or native.library()
         step = NativeStep(model, lib) if lib is not None and supports_native(model) else None
@@ -69,7 +77,7 @@ def kind(model) -> str:
 def _default(model) -> str:
     p = model.lm_head.weight
     if p.device.type != "cpu":
-        return "eager"
+        return "static" if p.device.type == "cuda" and supports_static(model) else "eager"
     if supports_native(model) and native.library() is not None:
         return "native"
     size = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))  # quantized weights are buffers
@@ -350,4 +358,146 @@ class CompiledStep:
     def head(self, lm_head, h: torch.Tensor) -> torch.Tensor:
         if type(lm_head) is Linear:
             return matvec(h, lm_head.weight, lm_head.bias)
+        return lm_head(h)
+
+
+# --------------------------------------------------------------- the static step (CUDA graphs)
+def supports_static(model) -> bool:
+    """Whether the static step can run this model: bfloat16, every layer's experts plain stacks
+    (quantized and offloaded experts keep their own forward, which reads the routing on the host)."""
+    layers = model.model.layers
+    return (model.lm_head.weight.dtype == torch.bfloat16
+            and all(type(layer.block_sparse_moe.experts) is Experts for layer in layers))
+
+
+def grouped_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``experts(x, weights, chosen)`` for one token x [1, hidden] with the routing left on the
+    device: the token is repeated once per chosen expert, in expert order, and each stack is one
+    grouped product (``torch._grouped_mm``: the groups' row counts come from a device tensor, so
+    only the chosen experts' weights are read). Weighted, rounded and summed in expert order, as
+    ``combine_chosen`` does."""
+    top_k = chosen.shape[-1]
+    ids, order = chosen[0].sort(stable=True)
+    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
+    offs = counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+    rows = x.expand(top_k, -1).contiguous()
+    gate, up = _grouped(rows, experts.w1, ids, offs), _grouped(rows, experts.w3, ids, offs)
+    y = _grouped(F.silu(gate) * up, experts.w2, ids, offs)
+    y = (y * weights[0, order, None]).to(x.dtype)
+    out = y[:1]
+    for k in range(1, top_k):
+        out = out + y[k : k + 1]
+    return out
+
+
+def _grouped(rows: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows [k, in] times the stacked w [experts, out, in] of expert ids[r] for row r (sorted)."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(rows, w.transpose(-2, -1), offs=offs)
+    return torch.bmm(rows[:, None], w[ids].transpose(-2, -1))[:, 0]  # torch < 2.8: copies the chosen experts
+
+
+class _Positions:
+    """The KV cache as the static step writes it: this token's keys and values go to the row a
+    device tensor names (no host integer), and attention sees every row, masked."""
+
+    def __init__(self, cache, position: torch.Tensor):
+        self.k, self.v, self.position = cache.k, cache.v, position
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        self.k[layer].index_copy_(2, self.position, k)
+        self.v[layer].index_copy_(2, self.position, v)
+        return self.k[layer], self.v[layer]
+
+
+def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: bool) -> torch.Tensor:
+    """Every layer and the final norm for one token x [1, 1, hidden] at ``position`` (a device
+    tensor [1]), with shapes fixed by the cache's capacity and nothing read back to the host: the
+    model's own attention (over all cache rows, later ones masked) and norms, the experts by
+    ``grouped_experts``."""
+    m = model  # the PhimoeModel
+    cos, sin = m.rotary_emb(position.view(1, 1), long, x.dtype)
+    rows = torch.arange(cache.k.shape[3], device=x.device)
+    mask = (rows <= position).view(1, 1, 1, -1)
+    writer = _Positions(cache, position)
+    for layer in m.layers:
+        x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, writer)
+        h = layer.post_attention_layernorm(x).view(1, -1)
+        moe = layer.block_sparse_moe
+        weights, chosen = moe.route(h)
+        x = x + grouped_experts(moe.experts, h, weights, chosen).view_as(x)
+    return m.norm(x)
+
+
+class _Graph:
+    """One captured static step: its input buffers, the graph, its output buffer."""
+
+    def __init__(self, model, x: torch.Tensor, position: torch.Tensor, cache, long: bool):
+        self.x, self.position = x.clone(), position.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, lazy inits)
+            for _ in range(2):
+                static_step(model, self.x, self.position, cache, long)  # rewrites this token's row: harmless
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = static_step(model, self.x, self.position, cache, long)
+
+    def __call__(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.out.clone()
+
+
+class StaticStep:
+    """One-token steps by ``static_step``: on CUDA captured as a CUDA graph per (cache, capacity,
+    factor set) and replayed, so a token costs one launch and no host-device sync (a cache that
+    grows, rarely, gets a new graph); elsewhere run as it is. If capturing fails the step runs
+    uncaptured, with one warning; if that fails too, the model's own layers run from then on."""
+
+    kind = "static"
+    most_graphs = 4  # graphs kept (each holds its own activation memory); the oldest goes first
+
+    def __init__(self):
+        self.graphs: dict[tuple, _Graph] = {}
+        self.capture = self.runs = True
+
+    def accepts(self, x: torch.Tensor, cache) -> bool:
+        return self.runs and cache.batch_size == 1 and cache.k.dtype == x.dtype == torch.bfloat16
+
+    def __call__(self, model, x, cache, start: int, position_ids, long: bool) -> torch.Tensor:
+        position = position_ids.reshape(1)
+        if x.device.type != "cuda" or not self.capture:
+            return self._uncaptured(model, x, position, cache, start, position_ids, long)
+        key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), long)
+        graph = self.graphs.pop(key, None)
+        if graph is None:
+            try:
+                graph = _Graph(model, x, position, cache, long)
+            except Exception as exc:  # never fail a decode: run uncaptured from now on
+                warnings.warn(f"CUDA graph capture failed, decoding uncaptured ({type(exc).__name__}: {exc})",
+                              stacklevel=2)
+                self.capture, self.graphs = False, {}
+                return self._uncaptured(model, x, position, cache, start, position_ids, long)
+            while len(self.graphs) >= self.most_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[key] = graph  # (re)inserted last: the most recently used
+        return graph(x, position)
+
+    def _uncaptured(self, model, x, position, cache, start: int, position_ids, long: bool) -> torch.Tensor:
+        try:
+            return static_step(model, x, position, cache, long)
+        except Exception as exc:  # (an old torch, a kernel this device lacks): the model's own layers
+            warnings.warn(f"static decode step unavailable, decoding eagerly ({type(exc).__name__}: {exc})",
+                          stacklevel=2)
+            self.runs = False
+            m = model
+            cos, sin = m.rotary_emb(position_ids, long, x.dtype)
+            for layer in m.layers:
+                x = layer(x, cos, sin, None, cache, start)
+            return m.norm(x)
+
+    def head(self, lm_head, h: torch.Tensor) -> torch.Tensor:
         return lm_head(h)

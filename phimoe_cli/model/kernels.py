@@ -54,6 +54,11 @@ def sdpa_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.
     there float32, rounded back to bfloat16 after."""
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return dtype
+    return _cpu_sdpa_dtype_now()
+
+
+@torch.compiler.assume_constant_result  # (a constant to dynamo, which cannot trace the query)
+def _cpu_sdpa_dtype_now() -> torch.dtype:
     return _cpu_sdpa_dtype(torch.backends.cpu.get_cpu_capability())
 
 

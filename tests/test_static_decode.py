@@ -1,0 +1,80 @@
+"""The static one-token step (decode.StaticStep), the CUDA decode path, through its CPU-runnable
+seams: it computes what the model's own layers compute, and reads nothing back to the host (the
+property that lets CUDA capture it as one graph). Its CUDA capture is tested in test_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import write_checkpoint
+
+from phimoe_cli.model import decode, load_model
+from phimoe_cli.model.layers import combine_chosen
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), shards=1, seed=3)  # LongRoPE boundary at 64
+
+
+def greedy(model, kind: str, prompt: int, steps: int):
+    """Greedy tokens and each step's logits, from a cache that has to grow on the way."""
+    decode.choose(model, kind)
+    cache = model.new_cache(capacity=8)
+    x = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    tokens, logits = [], []
+    with torch.inference_mode():
+        out = model(x, cache=cache, logits_to_keep=1)
+        for _ in range(steps):
+            tok = out[0, -1].argmax().view(1, 1)
+            tokens.append(int(tok))
+            logits.append(out[0, -1].float())
+            out = model(tok, cache=cache, logits_to_keep=1)
+    return tokens, torch.stack(logits)
+
+
+def test_grouped_experts_equal_the_chosen_experts_summed(ckpt):
+    model = load_model(ckpt, dtype="bfloat16")
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            moe = layer.block_sparse_moe
+            for _ in range(20):
+                h = torch.randn(1, model.config.hidden_size, generator=g).bfloat16()
+                weights, chosen = moe.route(h)
+                want = combine_chosen(moe.experts.expert, h, weights, chosen)
+                assert torch.equal(decode.grouped_experts(moe.experts, h, weights, chosen), want)
+
+
+def test_static_step_decodes_the_tokens_of_the_models_own_layers(ckpt):
+    model = load_model(ckpt, dtype="bfloat16")
+    # 50 + 30 tokens: the cache grows from 8 rows, and is recomputed with the long factors at 64
+    want_tokens, want = greedy(model, "eager", 50, 30)
+    got_tokens, got = greedy(model, "static", 50, 30)
+    assert decode.kind(model) == "static"
+    assert got_tokens == want_tokens
+    err = (got - want).abs().max().item()
+    assert err <= 0.02 * want.abs().max().item(), err  # bf16: attention over masked rows sums differently
+
+
+def test_static_step_reads_nothing_back_to_the_host(ckpt):
+    """dynamo traces it as one graph: a .item(), .tolist() or a branch on a tensor's value (a
+    host-device sync on CUDA, and what a CUDA graph cannot hold) would break the graph and fail."""
+    model = load_model(ckpt, dtype="bfloat16")
+    cache = model.new_cache(capacity=16)
+    traced = torch.compile(decode.static_step, fullgraph=True, backend="eager", dynamic=False)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        x = model.model.embed_tokens(torch.tensor([[5]]))
+        got = traced(model.model, x, torch.tensor([3]), cache, False)
+        want = decode.static_step(model.model, x, torch.tensor([3]), cache, False)
+    assert torch.equal(got, want)
+
+
+def test_static_step_is_only_chosen_where_it_runs(ckpt, monkeypatch):
+    monkeypatch.delenv("PHIMOE_DECODE_KERNEL", raising=False)
+    model = load_model(ckpt, dtype="bfloat16")
+    assert decode.choose(model) != "static"  # the CPU default is the C step (or compiled / eager)
+    assert decode.choose(model, "static") == "static"
+    assert decode.choose(load_model(ckpt, dtype="float32"), "static") == "eager"  # bf16 only
+    assert decode.choose(load_model(ckpt, dtype="bfloat16", quantize="int8"), "static") == "eager"
