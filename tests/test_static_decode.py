@@ -9,7 +9,7 @@ import torch
 from checkpoints import write_checkpoint
 
 from phimoe_cli.model import decode, load_model
-from phimoe_cli.model.layers import combine_chosen
+from phimoe_cli.model.layers import ExpertGroup, combine_chosen
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def greedy(model, kind: str, prompt: int, steps: int):
     return tokens, torch.stack(logits)
 
 
-def test_grouped_experts_equal_the_chosen_experts_summed(ckpt):
+def test_grouped_experts_of_one_token_equal_the_chosen_experts_summed(ckpt):
     model = load_model(ckpt, dtype="bfloat16")
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
@@ -43,7 +43,21 @@ def test_grouped_experts_equal_the_chosen_experts_summed(ckpt):
                 h = torch.randn(1, model.config.hidden_size, generator=g).bfloat16()
                 weights, chosen = moe.route(h)
                 want = combine_chosen(moe.experts.expert, h, weights, chosen)
-                assert torch.equal(decode.grouped_experts(moe.experts, h, weights, chosen), want)
+                assert torch.equal(moe.experts.grouped(h, weights, chosen), want)
+
+
+@pytest.mark.parametrize("tokens", [2, 37])
+def test_grouped_experts_of_a_prompt_equal_the_expert_by_expert_loop(ckpt, tokens):
+    """The CUDA prefill's grouped products against ExpertGroup.forward (one product per expert),
+    in float32, on the CPU (torch._grouped_mm runs here too)."""
+    model = load_model(ckpt, dtype="float32")
+    x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        moe = model.model.layers[0].block_sparse_moe
+        weights, chosen = moe.route(x)
+        want = ExpertGroup.forward(moe.experts, x, weights, chosen)
+        got = moe.experts.grouped(x, weights, chosen)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_static_step_decodes_the_tokens_of_the_models_own_layers(ckpt):

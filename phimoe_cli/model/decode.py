@@ -10,7 +10,7 @@ whole one-token step (every layer and the final norm) and the output head its ow
 * ``compiled``: inductor kernels written as float32 reductions; a group of layers per compiled
   call where every layer is plain bfloat16/float32, else the plain parts of each layer.
 * ``static``: for CUDA, the one-token step with fixed shapes and no host-device sync (the
-  routing stays on the device; the chosen experts are read from the stacks by a grouped product),
+  routing stays on the device; the chosen experts are read from the stacks by grouped products),
   captured once as a CUDA graph and replayed per token. Elsewhere (tests) it runs uncaptured.
 * ``eager``: no back-end; the model's own forward.
 
@@ -370,33 +370,6 @@ def supports_static(model) -> bool:
             and all(type(layer.block_sparse_moe.experts) is Experts for layer in layers))
 
 
-def grouped_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """``experts(x, weights, chosen)`` for one token x [1, hidden] with the routing left on the
-    device: the token is repeated once per chosen expert, in expert order, and each stack is one
-    grouped product (``torch._grouped_mm``: the groups' row counts come from a device tensor, so
-    only the chosen experts' weights are read). Weighted, rounded and summed in expert order, as
-    ``combine_chosen`` does."""
-    top_k = chosen.shape[-1]
-    ids, order = chosen[0].sort(stable=True)
-    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
-    offs = counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
-    rows = x.expand(top_k, -1).contiguous()
-    gate, up = _grouped(rows, experts.w1, ids, offs), _grouped(rows, experts.w3, ids, offs)
-    y = _grouped(F.silu(gate) * up, experts.w2, ids, offs)
-    y = (y * weights[0, order, None]).to(x.dtype)
-    out = y[:1]
-    for k in range(1, top_k):
-        out = out + y[k : k + 1]
-    return out
-
-
-def _grouped(rows: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """rows [k, in] times the stacked w [experts, out, in] of expert ids[r] for row r (sorted)."""
-    if hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(rows, w.transpose(-2, -1), offs=offs)
-    return torch.bmm(rows[:, None], w[ids].transpose(-2, -1))[:, 0]  # torch < 2.8: copies the chosen experts
-
-
 class _Positions:
     """The KV cache as the static step writes it: this token's keys and values go to the row a
     device tensor names (no host integer), and attention sees every row, masked."""
@@ -413,8 +386,8 @@ class _Positions:
 def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: bool) -> torch.Tensor:
     """Every layer and the final norm for one token x [1, 1, hidden] at ``position`` (a device
     tensor [1]), with shapes fixed by the cache's capacity and nothing read back to the host: the
-    model's own attention (over all cache rows, later ones masked) and norms, the experts by
-    ``grouped_experts``."""
+    model's own attention (over all cache rows, later ones masked) and norms, the experts as
+    grouped products (``Experts.grouped``)."""
     m = model  # the PhimoeModel
     cos, sin = m.rotary_emb(position.view(1, 1), long, x.dtype)
     rows = torch.arange(cache.k.shape[3], device=x.device)
@@ -425,7 +398,7 @@ def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: boo
         h = layer.post_attention_layernorm(x).view(1, -1)
         moe = layer.block_sparse_moe
         weights, chosen = moe.route(h)
-        x = x + grouped_experts(moe.experts, h, weights, chosen).view_as(x)
+        x = x + moe.experts.grouped(h, weights, chosen).view_as(x)
     return m.norm(x)
 
 

@@ -199,6 +199,34 @@ class Experts(ExpertGroup):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return prefill_linear(F.silu(prefill_linear(x, self.w1[e])) * prefill_linear(x, self.w3[e]), self.w2[e])
 
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and self.w1.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            return self.grouped(x, weights, chosen)
+        return super().forward(x, weights, chosen)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The same sums with the routing left on the device (CUDA): the tokens sorted by expert,
+        each stack one grouped product whose groups' sizes are a device tensor, so only the chosen
+        experts' weights are read and nothing is read back to the host. A token's products are
+        added in expert order (exactly so for two, the published top-k)."""
+        top_k = chosen.shape[-1]
+        ids, order = chosen.reshape(-1).sort(stable=True)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        offs = counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+        token_of = order // top_k
+        rows = x[token_of]
+        h = F.silu(grouped_mm(rows, self.w1, ids, offs)) * grouped_mm(rows, self.w3, ids, offs)
+        y = grouped_mm(h, self.w2, ids, offs) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+
+def grouped_mm(rows: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows [n, in] times the stacked w [experts, out, in] of expert ids[r] for row r (ids sorted;
+    offs: the cumulative row count per expert, on the device)."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(rows, w.transpose(-2, -1), offs=offs)
+    return torch.bmm(rows[:, None], w[ids].transpose(-2, -1))[:, 0]  # torch < 2.8: copies each row's expert
+
 
 def combine_chosen(expert, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """One token [1, hidden]: ``expert(e, x)`` for each chosen expert, weighted, rounded to x's dtype
