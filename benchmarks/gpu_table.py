@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROWS = {"bf16": "bf16", "bf16-eager": "bf16, eager decode", "int8": "int8 experts", "nf4": "nf4 experts",
-        "offload": "bf16, --offload experts"}
+        "offload": "bf16, --offload experts", "offload-host": "the same, misses computed on the CPU"}
 
 
 def row(name: str, path: Path) -> str:
@@ -21,6 +21,8 @@ def row(name: str, path: Path) -> str:
     o = r["results"][0]
     cache = r.get("expert_cache")
     hit = f"{cache['hit_rate']:.0%} of {cache['hits'] + cache['misses']}" if cache else "-"
+    if cache and cache.get("computed_on_host"):
+        hit += f" ({cache['computed_on_host']} misses on the CPU)"
     roofline = (f"{o['roofline_pct']:.0f}% of {r['bandwidth_bytes_s'] / 1e9:.0f} GB/s, "
                 f"{r['active_bytes_per_token'] / 1e9:.2f} GB/token")
     return (f"| {ROWS[name]} | {o.get('decode_kernel') or '-'} | {o['decode_tok_s']:.1f} | {o['prefill_tok_s']:.0f} "

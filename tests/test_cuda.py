@@ -10,6 +10,7 @@ scripted routing; `--device auto` picks what `phimoe info --plan` printed.
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -132,6 +133,35 @@ def test_lru_cache_on_cuda_follows_a_scripted_routing():
         assert torch.equal(experts.expert(e, x), want)
     assert (experts.hits, experts.misses) == (2, 5)
     assert list(experts.slot_of) == [1, 3]
+
+
+def test_pinned_host_memory_is_released_with_the_experts():
+    experts = OffloadedExperts(4, 256, 384, capacity=2, dtype=torch.bfloat16, device="cuda")
+    host = dict(experts.host)  # the memory itself outlives the module here, so it can be asked about
+    assert sorted(experts.pinned) == sorted(t.data_ptr() for t in host.values())  # w1, w2, w3 locked in place
+    rt = torch.cuda.cudart()
+
+    def registered(t: torch.Tensor) -> bool:  # registering it again fails with "already registered" (712)
+        code = int(rt.cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+        if code == 0:
+            rt.cudaHostUnregister(t.data_ptr())
+        return code == 712
+
+    assert all(registered(t) for t in host.values())
+    del experts
+    gc.collect()
+    assert not any(registered(t) for t in host.values())
+
+
+def test_misses_computed_on_the_host_equal_copied_ones(small_dir, monkeypatch):
+    x = ids(1).cuda()
+    with torch.inference_mode():
+        ref = load_model(small_dir, dtype="bfloat16", device="cuda", offload="experts", gpu_memory=0)(x)
+        monkeypatch.setenv("PHIMOE_OFFLOAD_MISS", "host")
+        m = load_model(small_dir, dtype="bfloat16", device="cuda", offload="experts", gpu_memory=0)
+        got = m(x)
+    assert offload_stats(m)["computed_on_host"] > 0
+    _close(got, ref, 0.02)  # the CPU's bf16 products round differently from cuBLAS's
 
 
 def test_device_auto_picks_what_info_plan_printed(small_dir):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_phimoe
 
+from phimoe_cli.errors import UsageError
 from phimoe_cli.model import PhimoeConfig, load_model
-from phimoe_cli.model.offload import OffloadedExperts, offload_stats, plan_placement
+from phimoe_cli.model.offload import HOST_ROWS, OffloadedExperts, offload_stats, plan_placement
 
 
 def ids(n, seed=0):
@@ -47,6 +49,32 @@ def test_lru_hits_and_evictions():
     # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 1 miss (evicts 0), 1 hit
     assert (experts.hits, experts.misses) == (2, 4)
     assert list(experts.slot_of) == [2, 1]
+
+
+def test_misses_computed_on_the_host_leave_the_cache_alone(monkeypatch):
+    """PHIMOE_OFFLOAD_MISS=host: a miss of a few rows is computed from host memory and not cached;
+    more rows than HOST_ROWS are copied in as before."""
+    monkeypatch.setenv("PHIMOE_OFFLOAD_MISS", "host")
+    torch.manual_seed(0)
+    experts = OffloadedExperts(4, 8, 12, capacity=2, dtype=torch.float32, device="cpu")
+    dense = {w: torch.randn(4, *experts.host[w].shape[1:]) for w in ("w1", "w2", "w3")}
+    for w, t in dense.items():
+        for e in range(4):
+            experts.store(w, e, t[e])
+    few, many = torch.randn(1, 8), torch.randn(HOST_ROWS + 1, 8)
+    for e, x in ((0, few), (1, many), (1, few), (2, few), (0, many), (2, few)):
+        got = experts.expert(e, x)
+        want = F.linear(F.silu(F.linear(x, dense["w1"][e])) * F.linear(x, dense["w3"][e]), dense["w2"][e])
+        assert torch.allclose(got, want, atol=1e-6), e
+    # 0 few: host; 1 many: copied; 1 few: hit; 2 few: host; 0 many: copied; 2 few: host
+    assert (experts.hits, experts.misses, experts.host_computed) == (1, 5, 3)
+    assert list(experts.slot_of) == [1, 0]
+
+
+def test_an_unknown_offload_miss_mode_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("PHIMOE_OFFLOAD_MISS", "gpu")
+    with pytest.raises(UsageError, match="PHIMOE_OFFLOAD_MISS"):
+        OffloadedExperts(2, 4, 4, capacity=2, dtype=torch.float32, device="cpu")
 
 
 def test_store_invalidates_a_cached_copy():

@@ -5,17 +5,29 @@ Each layer keeps a small LRU cache of experts on the compute device (``capacity`
 is CUDA, so the copy is asynchronous), evicting the least recently used. Attention, router,
 norms and embeddings stay on the device. The code is device-agnostic: with host and device both
 "cpu" it runs, and is tested, without a GPU.
+
+``PHIMOE_OFFLOAD_MISS=host`` (a measurement switch; ``copy`` is the default) computes a missed
+expert of a few rows on the CPU from host memory instead of copying it in, as Fiddler does at
+batch 1: the copy moves all of its weights over the bus for one row's product, the CPU reads
+them at its memory's speed. Which wins depends on the bus and the host (benchmarks/gpu_check.sh
+measures both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
+from phimoe_cli.errors import UsageError
+
 from .layers import ExpertGroup
 from .memory import QUANT_BYTES, available_ram, expert_bytes, kv_bytes_per_token, parameter_counts
+
+HOST_ROWS = 4  # PHIMOE_OFFLOAD_MISS=host: misses of at most this many rows are computed on the CPU
 
 
 class OffloadedExperts(ExpertGroup):
@@ -31,6 +43,7 @@ class OffloadedExperts(ExpertGroup):
         self.dtype = dtype
         self.mapped = mapped  # keep the checkpoint's memory-mapped tensors instead of copies in RAM
         shapes = {"w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
+        self.pinned: list[int] = []  # host addresses page-locked here (released by release())
         # plain attributes, not buffers: .to() / to_empty() never move the host copy to the device
         if mapped:
             self.host = {name: [None] * num_experts for name in shapes}
@@ -38,13 +51,24 @@ class OffloadedExperts(ExpertGroup):
             self.host = {name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu")
                          for name, shape in shapes.items()}
             if self.device.type == "cuda":
-                for t in self.host.values():
-                    _pin_in_place(t)
+                self.pinned = [t.data_ptr() for t in self.host.values() if _pin_in_place(t)]
+        miss = os.environ.get("PHIMOE_OFFLOAD_MISS", "copy")
+        if miss not in ("copy", "host"):
+            raise UsageError(f"PHIMOE_OFFLOAD_MISS must be copy or host, not {miss!r}")
+        self.miss_on_host = miss == "host"
         self.shapes = shapes
         self.slots = {name: torch.empty(self.capacity, *shape, dtype=dtype, device=self.device)
                       for name, shape in shapes.items()}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.host_computed = 0
+
+    def release(self) -> None:
+        """Unlock the page-locked host memory (before the tensors are freed; also on deletion)."""
+        while self.pinned:
+            _unpin(self.pinned.pop())
+
+    def __del__(self):
+        self.release()
 
     def store(self, name: str, e: int, weight: torch.Tensor) -> bool:
         """Take expert ``e``'s matrix; True when the (memory-mapped) tensor itself is kept."""
@@ -72,6 +96,12 @@ class OffloadedExperts(ExpertGroup):
         return slot
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.miss_on_host and e not in self.slot_of and x.shape[0] <= HOST_ROWS:
+            self.misses += 1
+            self.host_computed += 1
+            w1, w2, w3 = (self.host[name][e] for name in ("w1", "w2", "w3"))
+            h = x.to("cpu", self.dtype)
+            return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2).to(x.device, x.dtype)
         s = self._slot(e)
         w1, w2, w3 = self.slots["w1"][s], self.slots["w2"][s], self.slots["w3"][s]
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
@@ -87,6 +117,12 @@ def _pin_in_place(t: torch.Tensor) -> bool:
         return False
 
 
+def _unpin(address: int) -> None:
+    # (at interpreter exit the CUDA runtime may be gone: the process's end unlocks the memory)
+    with contextlib.suppress(Exception):
+        torch.cuda.cudart().cudaHostUnregister(address)
+
+
 def offload_stats(model) -> dict:
     """Expert cache hits and misses over all layers (empty if nothing is offloaded)."""
     layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
@@ -94,7 +130,8 @@ def offload_stats(model) -> dict:
         return {}
     hits, misses = sum(m.hits for m in layers), sum(m.misses for m in layers)
     return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "capacity_per_layer": layers[0].capacity, "memory_mapped": layers[0].mapped}
+            "capacity_per_layer": layers[0].capacity, "memory_mapped": layers[0].mapped,
+            "computed_on_host": sum(m.host_computed for m in layers)}
 
 
 def swap_in_offloaded(model, capacity: int, dtype: torch.dtype, device, mapped: bool) -> None:
