@@ -430,12 +430,16 @@ class StaticStep:
     grows, rarely, gets a new graph); elsewhere run as it is. If capturing fails the step runs
     uncaptured, with one warning; if that fails too, the model's own layers run from then on."""
 
-    kind = "static"
     most_graphs = 4  # graphs kept (each holds its own activation memory); the oldest goes first
 
     def __init__(self):
         self.graphs: dict[tuple, _Graph] = {}
         self.capture = self.runs = True
+
+    @property
+    def kind(self) -> str:
+        """static; after a fallback, what runs instead (so that bench reports it)."""
+        return "eager (static failed)" if not self.runs else "static" if self.capture else "static, uncaptured"
 
     def accepts(self, x: torch.Tensor, cache) -> bool:
         return self.runs and cache.batch_size == 1 and cache.k.dtype == x.dtype == torch.bfloat16
