@@ -8,6 +8,8 @@ the fast one-token paths live in decode.py, outside the model.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,8 +202,13 @@ class Experts(ExpertGroup):
         return prefill_linear(F.silu(prefill_linear(x, self.w1[e])) * prefill_linear(x, self.w3[e]), self.w2[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and self.w1.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            return self.grouped(x, weights, chosen)
+        if x.device.type == "cuda" and self.w1.dtype == torch.bfloat16 and _GROUPED_ON_CUDA[0]:
+            try:
+                return self.grouped(x, weights, chosen)
+            except RuntimeError as exc:  # a GPU this torch has no grouped kernel for: per expert from now on
+                _GROUPED_ON_CUDA[0] = False
+                warnings.warn(f"grouped expert products unavailable ({exc}); computing them expert by expert",
+                              stacklevel=2)
         return super().forward(x, weights, chosen)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -218,6 +225,9 @@ class Experts(ExpertGroup):
         h = F.silu(grouped_mm(rows, self.w1, ids, offs)) * grouped_mm(rows, self.w3, ids, offs)
         y = grouped_mm(h, self.w2, ids, offs) * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+
+_GROUPED_ON_CUDA = [hasattr(torch, "_grouped_mm")]  # torch >= 2.8, until a GPU turns it down
 
 
 def grouped_mm(rows: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
