@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checkpoints import write_checkpoint
 
 from phimoe_cli.model import decode, load_model
@@ -17,20 +18,21 @@ def ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt"), shards=1, seed=3)  # LongRoPE boundary at 64
 
 
-def greedy(model, kind: str, prompt: int, steps: int):
-    """Greedy tokens and each step's logits, from a cache that has to grow on the way."""
+def decode_steps(model, kind: str, prompt: int, steps: int, tokens: list[int] | None = None):
+    """Each step's logits from a cache that has to grow on the way, and the tokens fed: greedy
+    ones, or ``tokens`` (teacher-forced)."""
     decode.choose(model, kind)
     cache = model.new_cache(capacity=8)
     x = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(0))
-    tokens, logits = [], []
+    fed, logits = [], []
     with torch.inference_mode():
         out = model(x, cache=cache, logits_to_keep=1)
-        for _ in range(steps):
-            tok = out[0, -1].argmax().view(1, 1)
-            tokens.append(int(tok))
+        for i in range(steps):
+            tok = out[0, -1].argmax().view(1, 1) if tokens is None else torch.tensor([[tokens[i]]])
+            fed.append(int(tok))
             logits.append(out[0, -1].float())
             out = model(tok, cache=cache, logits_to_keep=1)
-    return tokens, torch.stack(logits)
+    return fed, torch.stack(logits)
 
 
 def test_grouped_experts_of_one_token_equal_the_chosen_experts_summed(ckpt):
@@ -60,21 +62,49 @@ def test_grouped_experts_of_a_prompt_equal_the_expert_by_expert_loop(ckpt, token
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def test_static_step_decodes_the_tokens_of_the_models_own_layers(ckpt):
-    model = load_model(ckpt, dtype="bfloat16")
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_static_step_decodes_the_tokens_of_the_models_own_layers(ckpt, quant):
+    model = load_model(ckpt, dtype="bfloat16", quantize=quant)
     # 50 + 30 tokens: the cache grows from 8 rows, and is recomputed with the long factors at 64
-    want_tokens, want = greedy(model, "eager", 50, 30)
-    got_tokens, got = greedy(model, "static", 50, 30)
+    tokens, want = decode_steps(model, "eager", 50, 30)
+    _, got = decode_steps(model, "static", 50, 30, tokens)  # the eager path's greedy tokens, fed
     assert decode.kind(model) == "static"
-    assert got_tokens == want_tokens
+    if quant == "none":  # the same greedy tokens (int8: the eager products round the weights to bf16 first)
+        assert got.argmax(-1).tolist() == tokens
     err = (got - want).abs().max().item()
     assert err <= 0.02 * want.abs().max().item(), err  # bf16: attention over masked rows sums differently
 
 
-def test_static_step_reads_nothing_back_to_the_host(ckpt):
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_one_token_is_the_float64_product_of_the_dequantized_weights(ckpt, quant):
+    """decode.quantized_one_token (the static step's quantized experts) against float64 products
+    of the same dequantized weights, rounded to bf16 where the eager path rounds."""
+    model = load_model(ckpt, dtype="bfloat16", quantize=quant)
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            moe = layer.block_sparse_moe
+            e = moe.experts
+            for _ in range(10):
+                h = torch.randn(1, model.config.hidden_size, generator=g).bfloat16()
+                weights, chosen = moe.route(h)
+                want = 0
+                for k, i in sorted(enumerate(chosen[0].tolist()), key=lambda ki: ki[1]):
+                    w1, w3, w2 = (getattr(e, n).dequantize(i, torch.float32).double() for n in ("w1", "w3", "w2"))
+                    x = h.double()
+                    act = F.silu((x @ w1.T).bfloat16()) * (x @ w3.T).bfloat16()
+                    want = want + ((act.double() @ w2.T).bfloat16() * weights[:, k, None]).bfloat16()
+                got = decode.quantized_one_token(e, h, weights, chosen)
+                assert got.dtype == torch.bfloat16
+                # within a bf16 rounding of the largest value (an intermediate rounding that flips)
+                assert (got.float() - want.float()).abs().max().item() <= 2**-7 * want.float().abs().max().item()
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_static_step_reads_nothing_back_to_the_host(ckpt, quant):
     """dynamo traces it as one graph: a .item(), .tolist() or a branch on a tensor's value (a
     host-device sync on CUDA, and what a CUDA graph cannot hold) would break the graph and fail."""
-    model = load_model(ckpt, dtype="bfloat16")
+    model = load_model(ckpt, dtype="bfloat16", quantize=quant)
     cache = model.new_cache(capacity=16)
     traced = torch.compile(decode.static_step, fullgraph=True, backend="eager", dynamic=False)
     with torch.inference_mode():
@@ -91,4 +121,5 @@ def test_static_step_is_only_chosen_where_it_runs(ckpt, monkeypatch):
     assert decode.choose(model) != "static"  # the CPU default is the C step (or compiled / eager)
     assert decode.choose(model, "static") == "static"
     assert decode.choose(load_model(ckpt, dtype="float32"), "static") == "eager"  # bf16 only
-    assert decode.choose(load_model(ckpt, dtype="bfloat16", quantize="int8"), "static") == "eager"
+    assert decode.choose(load_model(ckpt, dtype="bfloat16", quantize="nf4"), "static") == "static"
+    assert decode.choose(load_model(ckpt, dtype="bfloat16", offload="experts"), "static") == "eager"

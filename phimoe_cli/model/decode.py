@@ -10,7 +10,8 @@ whole one-token step (every layer and the final norm) and the output head its ow
 * ``compiled``: inductor kernels written as float32 reductions; a group of layers per compiled
   call where every layer is plain bfloat16/float32, else the plain parts of each layer.
 * ``static``: for CUDA, the one-token step with fixed shapes and no host-device sync (the
-  routing stays on the device; the chosen experts are read from the stacks by grouped products),
+  routing stays on the device; the chosen experts are read from the stacks by grouped products,
+  quantized ones by index inside compiled products),
   captured once as a CUDA graph and replayed per token. Elsewhere (tests) it runs uncaptured.
 * ``eager``: no back-end; the model's own forward.
 
@@ -363,11 +364,73 @@ class CompiledStep:
 
 # --------------------------------------------------------------- the static step (CUDA graphs)
 def supports_static(model) -> bool:
-    """Whether the static step can run this model: bfloat16, every layer's experts plain stacks
-    (quantized and offloaded experts keep their own forward, which reads the routing on the host)."""
+    """Whether the static step can run this model: bfloat16, every layer's experts plain or
+    quantized stacks (offloaded experts keep their own forward, which reads the routing on the host)."""
     layers = model.model.layers
     return (model.lm_head.weight.dtype == torch.bfloat16
-            and all(type(layer.block_sparse_moe.experts) is Experts for layer in layers))
+            and all(type(layer.block_sparse_moe.experts) is Experts or _quantized(layer.block_sparse_moe.experts)
+                    for layer in layers))
+
+
+def _quantized(experts) -> bool:
+    return all(hasattr(getattr(experts, w, None), "qweight") for w in ("w1", "w2", "w3"))
+
+
+def _rows_mv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h [k, in] times w [k, out, in], row r by matrix r -> [k, out], summed in float32: a reduction
+    that inductor fuses with the weights' loads and widening (eagerly it materialises the product)."""
+    return (h.float()[:, None, :] * w.float()).sum(-1)
+
+
+def _gathered(q: torch.Tensor, scale: torch.Tensor, values, ids: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Matrices ids of quantized stacks (quant.QuantizedMatrices' layout) as float32 [k, out, in]:
+    int8 rows times their scale; 4-bit codes (high nibble first) as values[code] times the absmax
+    of their 64."""
+    if values is None:
+        return q[ids].float() * scale[ids][..., None]
+    p = q[ids]
+    codes = torch.stack((p >> 4, p & 15), -1).view(ids.shape[0], -1, 64).long()
+    return (values[codes] * scale[ids][..., None]).view(ids.shape[0], *shape)
+
+
+def _quantized_moe_math(x, weights, chosen, q1, s1, q3, s3, q2, s2, values, up_shape: tuple, down_shape: tuple):
+    """Quantized experts for one token x [1, hidden] with the routing on the device: each chosen
+    expert's matrices read by index from the stacks and widened inside the products (compiled, one
+    pass over the quantized bytes). Rounded, weighted and summed in expert order as the eager
+    path rounds (its products are bfloat16 GEMMs of weights rounded to bfloat16: these sum the
+    exact values in float32)."""
+    ids, order = chosen[0].sort(stable=True)
+    rows = x.expand(ids.shape[0], -1)
+    gate = _rows_mv(rows, _gathered(q1, s1, values, ids, up_shape)).to(x.dtype)
+    up = _rows_mv(rows, _gathered(q3, s3, values, ids, up_shape)).to(x.dtype)
+    y = _rows_mv(F.silu(gate) * up, _gathered(q2, s2, values, ids, down_shape)).to(x.dtype)
+    y = (y * weights[0, order, None]).to(x.dtype)
+    out = y[:1]
+    for k in range(1, ids.shape[0]):
+        out = out + y[k : k + 1]
+    return out
+
+
+_quantized_moe = Compiled(_quantized_moe_math, _quantized_moe_math, dynamic=False)
+
+
+def quantized_one_token(experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``experts(x, weights, chosen)`` for quantized experts and one token, with nothing read back
+    to the host; compiled on CUDA (where it runs inside the captured graph), as it is elsewhere."""
+    w1, w2, w3 = experts.w1, experts.w2, experts.w3
+    values = None if w1.quant_type == "int8" else _code_values(w1.quant_type, x.device)
+    args = (x, weights, chosen, w1.qweight, w1.scale, w3.qweight, w3.scale, w2.qweight, w2.scale, values,
+            w1.shape, w2.shape)
+    return (_quantized_moe if x.device.type == "cuda" else _quantized_moe_math)(*args)
+
+
+@functools.cache
+def _code_values(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for (before its absmax), float32 on ``device``; made
+    once per device, outside any capture (a copy to the GPU cannot be captured)."""
+    from .quant import codebook
+
+    return (codebook(quant_type).float() / 127).to(device)
 
 
 class _Positions:
@@ -398,7 +461,9 @@ def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: boo
         h = layer.post_attention_layernorm(x).view(1, -1)
         moe = layer.block_sparse_moe
         weights, chosen = moe.route(h)
-        x = x + moe.experts.grouped(h, weights, chosen).view_as(x)
+        e = moe.experts
+        y = e.grouped(h, weights, chosen) if type(e) is Experts else quantized_one_token(e, h, weights, chosen)
+        x = x + y.view_as(x)
     return m.norm(x)
 
 
