@@ -376,34 +376,38 @@ def _quantized(experts) -> bool:
     return all(hasattr(getattr(experts, w, None), "qweight") for w in ("w1", "w2", "w3"))
 
 
-def _rows_mv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h [k, in] times w [k, out, in], row r by matrix r -> [k, out], summed in float32: a reduction
-    that inductor fuses with the weights' loads and widening (eagerly it materialises the product)."""
-    return (h.float()[:, None, :] * w.float()).sum(-1)
-
-
-def _gathered(q: torch.Tensor, scale: torch.Tensor, values, ids: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """Matrices ids of quantized stacks (quant.QuantizedMatrices' layout) as float32 [k, out, in]:
-    int8 rows times their scale; 4-bit codes (high nibble first) as values[code] times the absmax
-    of their 64."""
+def _quantized_mv(h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, values, ids: torch.Tensor,
+                  shape: tuple) -> torch.Tensor:
+    """h [k, in] times matrix ids[r] of a quantized stack (quant.QuantizedMatrices' layout) for
+    row r -> [k, out], summed in float32. int8: rows of codes times their scale; 4-bit: byte j of
+    a row holds weights 2j (high nibble) and 2j + 1 (low), each values[code] times the absmax of
+    its 64. Written as one reduction over the bytes, which inductor fuses with the gather and
+    the widening (one pass over the quantized bytes; eagerly it materialises the products)."""
+    k, (out, n) = ids.shape[0], shape
+    h = h.float()
     if values is None:
-        return q[ids].float() * scale[ids][..., None]
-    p = q[ids]
-    codes = torch.stack((p >> 4, p & 15), -1).view(ids.shape[0], -1, 64).long()
-    return (values[codes] * scale[ids][..., None]).view(ids.shape[0], *shape)
+        return (h[:, None, :] * q[ids].float()).sum(-1) * scale[ids]
+    if n % 64:  # blocks run across rows (test shapes; the published ones are whole blocks a row)
+        p = q[ids]
+        codes = torch.stack((p >> 4, p & 15), -1).view(k, -1, 64).long()
+        return (h[:, None, :] * (values[codes] * scale[ids][..., None]).view(k, out, n)).sum(-1)
+    p = q[ids].view(k, out, n // 64, 32)
+    a = scale[ids].view(k, out, n // 64, 1)
+    even, odd = h[:, 0::2].reshape(k, 1, n // 64, 32), h[:, 1::2].reshape(k, 1, n // 64, 32)
+    products = values[(p >> 4).long()] * even + values[(p & 15).long()] * odd
+    return (products * a).sum((-1, -2))
 
 
 def _quantized_moe_math(x, weights, chosen, q1, s1, q3, s3, q2, s2, values, up_shape: tuple, down_shape: tuple):
     """Quantized experts for one token x [1, hidden] with the routing on the device: each chosen
-    expert's matrices read by index from the stacks and widened inside the products (compiled, one
-    pass over the quantized bytes). Rounded, weighted and summed in expert order as the eager
-    path rounds (its products are bfloat16 GEMMs of weights rounded to bfloat16: these sum the
-    exact values in float32)."""
+    expert's matrices read by index from the stacks and widened inside the products. Rounded,
+    weighted and summed in expert order as the eager path rounds (its products are bfloat16
+    GEMMs of weights rounded to bfloat16: these sum the exact values in float32)."""
     ids, order = chosen[0].sort(stable=True)
     rows = x.expand(ids.shape[0], -1)
-    gate = _rows_mv(rows, _gathered(q1, s1, values, ids, up_shape)).to(x.dtype)
-    up = _rows_mv(rows, _gathered(q3, s3, values, ids, up_shape)).to(x.dtype)
-    y = _rows_mv(F.silu(gate) * up, _gathered(q2, s2, values, ids, down_shape)).to(x.dtype)
+    gate = _quantized_mv(rows, q1, s1, values, ids, up_shape).to(x.dtype)
+    up = _quantized_mv(rows, q3, s3, values, ids, up_shape).to(x.dtype)
+    y = _quantized_mv(F.silu(gate) * up, q2, s2, values, ids, down_shape).to(x.dtype)
     y = (y * weights[0, order, None]).to(x.dtype)
     out = y[:1]
     for k in range(1, ids.shape[0]):
