@@ -181,7 +181,7 @@ class EngineResult:
     peak_memory_bytes: int
     roofline_pct: float = 0.0
     warmup_s: float = 0.0  # the untimed first run, compile time included
-    decode_kernel: str | None = None  # phimoe: native, compiled or eager
+    decode_kernel: str | None = None  # phimoe: native, compiled, static or eager
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
     read_bytes_s: list[float] = field(default_factory=list)  # the probe's reading before each timed run
@@ -479,9 +479,10 @@ def render(result: dict, console=None) -> None:
             f"{r['warmup_s']:.1f}",
         )
     console.print(table)
-    kernel = {"native": "C decode step (native.c)", "compiled": "compiled one-token kernels", "eager": "eager"}.get(
-        result["results"][0]["decode_kernel"], "-")
-    console.print(f"phimoe decode path: {kernel} (PHIMOE_DECODE_KERNEL=native|compiled|eager to choose)")
+    used = result["results"][0]["decode_kernel"]
+    kernel = {"native": "C decode step (native.c)", "compiled": "compiled one-token kernels",
+              "static": "static step (a CUDA graph on CUDA)"}.get(used, used or "-")
+    console.print(f"phimoe decode path: {kernel} (PHIMOE_DECODE_KERNEL=native|compiled|static|eager to choose)")
     if "prefill_compute_dtype" in result:
         console.print(
             f"phimoe prefill multiplies in {result['prefill_compute_dtype']}"

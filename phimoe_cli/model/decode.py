@@ -70,7 +70,8 @@ def choose(model, kind: str | bool | None = None, lib=None) -> str:
 
 
 def kind(model) -> str:
-    """The back-end ``choose`` gave ``model``: native, compiled or eager."""
+    """The back-end ``choose`` gave ``model``: native, compiled, static or eager (or what a static
+    step fell back to)."""
     step = getattr(model.model, "decode_step", None)
     return step.kind if step is not None else "eager"
 
