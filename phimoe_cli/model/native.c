@@ -85,12 +85,12 @@ static inline float vsum(vf v) {
  * (benchmarks/gemv_micro.c, AMD EPYC Zen 3). AVX-512 builds: bf16 / int8 / 4-bit rows read
  * 80 / 71 / 72% of a plain read without it, 90 / 80 / 84% at 1024 B and 95 / 93 / 98% at 4096 B,
  * 8192 B no better (benchmarks/row_read.py, 2 threads, an Intel Xeon with AVX512-VNNI and
- * ~20 GB/s). */
+ * ~20 GB/s). The AVX2 build on that Xeon (AMX, 2026-12-03): bf16 / int8 / 4-bit 87 / 82 / 72% at
+ * 1024 B, 104 / 101 / 90% at 4096 B, so AVX2 builds prefetch 4096 B too (not yet measured on an
+ * AVX2-only CPU at 4096). */
 #ifndef PREFETCH
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #define PREFETCH 4096
-#elif defined(__AVX2__)
-#define PREFETCH 1024
 #else
 #define PREFETCH 0
 #endif
@@ -139,10 +139,72 @@ static inline float vsum(vf v) {
     }
 #endif
 
+#ifdef VL
+/* Widening without shuffles: a vector of 2 VL bfloat16 weights, read as VL 32-bit lanes, holds
+ * weight 2j in the low half of lane j and 2j + 1 in the high half, so a left shift by 16 gives
+ * the even weights as float32 and clearing the low halves the odd ones. x is laid out to match
+ * once per call (xs: per 2 VL values, the even ones, then the odd ones). The cvtepu16 widening
+ * above costs a shuffle per VL weights (and per VL values of x, for every row), and Intel cores
+ * have one shuffle port: that bound the AVX2 loop to ~66% of the memory's speed on an AVX-512
+ * Xeon run as AVX2 (mid shape, 2 threads). Products are exact either way; only the order of the
+ * float32 sums differs. */
+#if defined(__AVX512F__)
+typedef __m512i vi;
+#define VLOADI(p) _mm512_loadu_si512((const void *)(p))
+#define EVEN_BF16(v) _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))
+#define ODD_BF16(v) _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)))
+#define VLOADF(p) _mm512_loadu_ps(p)
+#else
+typedef __m256i vi;
+#define VLOADI(p) _mm256_loadu_si256((const __m256i *)(p))
+#define EVEN_BF16(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+#define ODD_BF16(v) _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000)))
+#define VLOADF(p) _mm256_loadu_ps(p)
+#endif
+#define XS_MAX 16384 /* longest x laid out on the stack (64 KiB); longer rows take DOT_ROWS */
+
+static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
+    long i = r0;
+    const long K2 = K / (2 * VL) * (2 * VL);
+    if (K2 == 0 || K > XS_MAX) {
+        DOT_ROWS(bf16, WIDEN_BF16, bf2f)
+        return;
+    }
+    float xs[K2];
+    for (long k = 0; k < K2; k += 2 * VL)
+        for (int j = 0; j < VL; j++) xs[k + j] = bf2f(x[k + 2 * j]), xs[k + VL + j] = bf2f(x[k + 2 * j + 1]);
+    for (; i < r1; i++) {
+        const bf16 *w = W + i * K;
+        vf a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        long k = 0;
+        for (; k + 8 * VL <= K2; k += 8 * VL) {
+            for (int l = 0; l < 16 * VL; l += 64) PREFETCH_LINE((const char *)(w + k) + l);
+            const vi v0 = VLOADI(w + k), v1 = VLOADI(w + k + 2 * VL), v2 = VLOADI(w + k + 4 * VL), v3 = VLOADI(w + k + 6 * VL);
+            a0 = VFMA(EVEN_BF16(v0), VLOADF(xs + k), a0);
+            a1 = VFMA(ODD_BF16(v0), VLOADF(xs + k + VL), a1);
+            a2 = VFMA(EVEN_BF16(v1), VLOADF(xs + k + 2 * VL), a2);
+            a3 = VFMA(ODD_BF16(v1), VLOADF(xs + k + 3 * VL), a3);
+            a4 = VFMA(EVEN_BF16(v2), VLOADF(xs + k + 4 * VL), a4);
+            a5 = VFMA(ODD_BF16(v2), VLOADF(xs + k + 5 * VL), a5);
+            a6 = VFMA(EVEN_BF16(v3), VLOADF(xs + k + 6 * VL), a6);
+            a7 = VFMA(ODD_BF16(v3), VLOADF(xs + k + 7 * VL), a7);
+        }
+        for (; k < K2; k += 2 * VL) {
+            const vi v = VLOADI(w + k);
+            a0 = VFMA(EVEN_BF16(v), VLOADF(xs + k), a0);
+            a1 = VFMA(ODD_BF16(v), VLOADF(xs + k + VL), a1);
+        }
+        float t = vsum(VADD(VADD(VADD(a0, a4), VADD(a1, a5)), VADD(VADD(a2, a6), VADD(a3, a7))));
+        for (; k < K; k++) t += bf2f(w[k]) * bf2f(x[k]);
+        y[i] = t;
+    }
+}
+#else
 static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, float *y) {
     long i = r0;
     DOT_ROWS(bf16, WIDEN_BF16, bf2f)
 }
+#endif
 
 /* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
 static void share(long n, long *r0, long *r1) {
