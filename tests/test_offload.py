@@ -11,7 +11,13 @@ from conftest import run_phimoe
 
 from phimoe_cli.errors import UsageError
 from phimoe_cli.model import PhimoeConfig, load_model
-from phimoe_cli.model.offload import HOST_ROWS, OffloadedExperts, offload_stats, plan_placement
+from phimoe_cli.model.offload import (
+    HOST_ROWS,
+    OffloadedExperts,
+    _page_locked_stacks,
+    offload_stats,
+    plan_placement,
+)
 
 
 def ids(n, seed=0):
@@ -75,6 +81,19 @@ def test_an_unknown_offload_miss_mode_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("PHIMOE_OFFLOAD_MISS", "gpu")
     with pytest.raises(UsageError, match="PHIMOE_OFFLOAD_MISS"):
         OffloadedExperts(2, 4, 4, capacity=2, dtype=torch.float32, device="cpu")
+
+
+def test_page_locked_stacks_are_separate_views_of_one_aligned_block():
+    """What CUDA offload locks: one page-aligned block of whole pages (locking itself needs a GPU:
+    here it fails quietly and says so with None)."""
+    shapes = {"w1": (6, 8), "w3": (6, 8), "w2": (8, 6)}
+    host, address = _page_locked_stacks(3, shapes, torch.bfloat16)
+    assert address is None or address % 4096 == 0
+    assert host["w1"].data_ptr() % 4096 == 0
+    for i, (name, shape) in enumerate(shapes.items()):
+        assert host[name].shape == (3, *shape) and host[name].dtype == torch.bfloat16
+        host[name].fill_(i + 1)
+    assert [int(host[n].float().mean()) for n in shapes] == [1, 2, 3]  # no two views overlap
 
 
 def test_store_invalidates_a_cached_copy():

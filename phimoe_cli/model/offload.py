@@ -16,6 +16,8 @@ measures both).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import math
 import os
 from collections import OrderedDict
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from phimoe_cli.errors import UsageError
 
+from .kernels import prefill_linear
 from .layers import ExpertGroup
 from .memory import QUANT_BYTES, available_ram, expert_bytes, kv_bytes_per_token, parameter_counts
 
@@ -43,15 +46,15 @@ class OffloadedExperts(ExpertGroup):
         self.dtype = dtype
         self.mapped = mapped  # keep the checkpoint's memory-mapped tensors instead of copies in RAM
         shapes = {"w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
-        self.pinned: list[int] = []  # host addresses page-locked here (released by release())
+        self.pinned: int | None = None  # the host address page-locked here (released by release())
         # plain attributes, not buffers: .to() / to_empty() never move the host copy to the device
         if mapped:
             self.host = {name: [None] * num_experts for name in shapes}
+        elif self.device.type == "cuda":
+            self.host, self.pinned = _page_locked_stacks(num_experts, shapes, dtype)
         else:
             self.host = {name: torch.empty(num_experts, *shape, dtype=dtype, device="cpu")
                          for name, shape in shapes.items()}
-            if self.device.type == "cuda":
-                self.pinned = [t.data_ptr() for t in self.host.values() if _pin_in_place(t)]
         miss = os.environ.get("PHIMOE_OFFLOAD_MISS", "copy")
         if miss not in ("copy", "host"):
             raise UsageError(f"PHIMOE_OFFLOAD_MISS must be copy or host, not {miss!r}")
@@ -63,9 +66,13 @@ class OffloadedExperts(ExpertGroup):
         self.hits = self.misses = self.host_computed = 0
 
     def release(self) -> None:
-        """Unlock the page-locked host memory (before the tensors are freed; also on deletion)."""
-        while self.pinned:
-            _unpin(self.pinned.pop())
+        """Unlock the page-locked host memory, once copies from it are done (before the tensors
+        are freed; also on deletion)."""
+        if self.pinned is not None:
+            with contextlib.suppress(Exception):  # (at interpreter exit the CUDA runtime may be gone)
+                torch.cuda.synchronize(self.device)
+            _unpin(self.pinned)
+            self.pinned = None
 
     def __del__(self):
         self.release()
@@ -101,26 +108,54 @@ class OffloadedExperts(ExpertGroup):
             self.host_computed += 1
             w1, w2, w3 = (self.host[name][e] for name in ("w1", "w2", "w3"))
             h = x.to("cpu", self.dtype)
-            return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2).to(x.device, x.dtype)
+            y = prefill_linear(F.silu(prefill_linear(h, w1)) * prefill_linear(h, w3), w2)  # the CPU's fastest dtype
+            return y.to(x.device, x.dtype)
         s = self._slot(e)
         w1, w2, w3 = self.slots["w1"][s], self.slots["w2"][s], self.slots["w3"][s]
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def _pin_in_place(t: torch.Tensor) -> bool:
-    """Page-lock ``t``'s memory where it is, so host-to-device copies are asynchronous. (torch's
-    pinned allocator rounds each block up to a power of two: 800 MiB of experts would lock 1 GiB.)
-    Without it copies are synchronous, which is slower but still correct."""
+PAGE = 4096
+
+
+def _page_locked_stacks(num_experts: int, shapes: dict, dtype: torch.dtype) -> tuple[dict, int | None]:
+    """The stacks [num_experts, *shape] as views of one page-aligned block of host memory, its
+    whole pages locked at once (cudaHostRegister) so host-to-device copies are asynchronous;
+    and the block's address, or None where locking failed (copies are then synchronous: slower,
+    still correct). One block of whole pages: ranges that share a page with another locked one
+    cannot be registered. (torch's pinned allocator would round each block up to a power of two:
+    800 MiB of experts would lock 1 GiB.)"""
+    item = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: num_experts * math.prod(shape) * item for name, shape in shapes.items()}
+    span = -(-sum(sizes.values()) // PAGE) * PAGE
+    raw = torch.empty(span + PAGE, dtype=torch.uint8)
+    block = raw[(-raw.data_ptr()) % PAGE :][:span]
+    host, offset = {}, 0
+    for name, shape in shapes.items():
+        host[name] = block[offset : offset + sizes[name]].view(dtype).view(num_experts, *shape)
+        offset += sizes[name]
     try:
-        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0)) == 0
+        locked = int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), span, 0)) == 0
     except Exception:
-        return False
+        locked = False
+    if not locked:
+        _clear_cuda_error()
+    return host, block.data_ptr() if locked else None
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call that torch does not check (torch's
+    next kernel launch would report it as its own)."""
+    with contextlib.suppress(Exception), open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "libcudart.so" in line)
+        ctypes.CDLL(path).cudaGetLastError()
 
 
 def _unpin(address: int) -> None:
     # (at interpreter exit the CUDA runtime may be gone: the process's end unlocks the memory)
     with contextlib.suppress(Exception):
-        torch.cuda.cudart().cudaHostUnregister(address)
+        if int(torch.cuda.cudart().cudaHostUnregister(address)) != 0:
+            _clear_cuda_error()
 
 
 def offload_stats(model) -> dict:
