@@ -17,7 +17,8 @@ def row(name: str, path: Path) -> str:
     except (OSError, ValueError):
         err = path.with_suffix(".err")
         last = err.read_text().strip().splitlines()[-1:] if err.exists() else []
-        return f"| {ROWS[name]} | failed: {(last or ['no output'])[0][:100]} | | | | | |"
+        said = (last or ["no output"])[0][:100]
+        return f"| {ROWS[name]} | {'' if said.startswith('skipped') else 'failed: '}{said} | | | | | |"
     o = r["results"][0]
     cache = r.get("expert_cache")
     hit = f"{cache['hit_rate']:.0%} of {cache['hits'] + cache['misses']}" if cache else "-"

@@ -15,6 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
 from checkpoints import make_config, write_checkpoint
 from tokenizer_fixtures import build_tokenizer_dir, load_source
 
@@ -52,3 +53,14 @@ def run_phimoe(*args, input: bytes | str | None = b"", env: dict | None = None, 
         [*PHIMOE, *map(str, args)],
         input=input, capture_output=True, timeout=timeout, env=full_env,
     )
+
+
+def assert_same_clear_choices(got: torch.Tensor, want: torch.Tensor, tokens: list[int]) -> None:
+    """Where the reference logits' best token (``tokens``) leads the runner-up by more than two
+    bf16 roundings, ``got`` picks it too; near-ties may go either way (the two paths sum attention
+    in different orders), and most steps must be clear ones."""
+    top2 = want.float().topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * 2**-8 * top2[:, 0].abs()
+    assert int(clear.sum()) >= len(tokens) // 2, int(clear.sum())
+    picked = got.float().argmax(-1).cpu()
+    assert torch.equal(picked[clear.cpu()], torch.tensor(tokens)[clear.cpu()])

@@ -22,6 +22,7 @@ same meaning: where compiling is impossible (no C++ compiler), the twin takes ov
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -367,10 +368,17 @@ class CompiledStep:
 def supports_static(model) -> bool:
     """Whether the static step can run this model: bfloat16, every layer's experts plain or
     quantized stacks (offloaded experts keep their own forward, which reads the routing on the host)."""
-    layers = model.model.layers
+    layers, device = model.model.layers, model.lm_head.weight.device
+    plain = [type(layer.block_sparse_moe.experts) is Experts for layer in layers]
     return (model.lm_head.weight.dtype == torch.bfloat16
-            and all(type(layer.block_sparse_moe.experts) is Experts or _quantized(layer.block_sparse_moe.experts)
-                    for layer in layers))
+            and all(p or _quantized(layer.block_sparse_moe.experts) for p, layer in zip(plain, layers, strict=True))
+            and not (any(plain) and device.type == "cuda" and not _fast_grouped_mm(device)))
+
+
+def _fast_grouped_mm(device: torch.device) -> bool:
+    """Whether torch._grouped_mm has a kernel for this GPU (Hopper, Blackwell: compute capability
+    9 or 10); elsewhere it falls back to a loop that reads the group sizes back to the host."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _quantized(experts) -> bool:
@@ -438,29 +446,29 @@ def _code_values(quant_type: str, device: torch.device) -> torch.Tensor:
     return (codebook(quant_type).float() / 127).to(device)
 
 
-class _Positions:
+class _Rows:
     """The KV cache as the static step writes it: this token's keys and values go to the row a
     device tensor names (no host integer), and attention sees every row, masked."""
 
-    def __init__(self, cache, position: torch.Tensor):
-        self.k, self.v, self.position = cache.k, cache.v, position
+    def __init__(self, cache, row: torch.Tensor):
+        self.k, self.v, self.row = cache.k, cache.v, row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        self.k[layer].index_copy_(2, self.position, k)
-        self.v[layer].index_copy_(2, self.position, v)
+        self.k[layer].index_copy_(2, self.row, k)
+        self.v[layer].index_copy_(2, self.row, v)
         return self.k[layer], self.v[layer]
 
 
-def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: bool) -> torch.Tensor:
-    """Every layer and the final norm for one token x [1, 1, hidden] at ``position`` (a device
-    tensor [1]), with shapes fixed by the cache's capacity and nothing read back to the host: the
-    model's own attention (over all cache rows, later ones masked) and norms, the experts as
-    grouped products (``Experts.grouped``)."""
+def static_step(model, x: torch.Tensor, row: torch.Tensor, position: torch.Tensor, cache, long: bool) -> torch.Tensor:
+    """Every layer and the final norm for one token x [1, 1, hidden] at cache row ``row`` and
+    rotary position ``position`` (device tensors [1]), with shapes fixed by the cache's capacity
+    and nothing read back to the host: the model's own attention (over all cache rows, later ones
+    masked) and norms, the experts as grouped products (``Experts.grouped``) or, quantized, by
+    ``quantized_one_token``."""
     m = model  # the PhimoeModel
     cos, sin = m.rotary_emb(position.view(1, 1), long, x.dtype)
-    rows = torch.arange(cache.k.shape[3], device=x.device)
-    mask = (rows <= position).view(1, 1, 1, -1)
-    writer = _Positions(cache, position)
+    mask = (torch.arange(cache.k.shape[3], device=x.device) <= row).view(1, 1, 1, -1)
+    writer = _Rows(cache, row)
     for layer in m.layers:
         x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, writer)
         h = layer.post_attention_layernorm(x).view(1, -1)
@@ -472,23 +480,35 @@ def static_step(model, x: torch.Tensor, position: torch.Tensor, cache, long: boo
     return m.norm(x)
 
 
+def _attention_kernels(device: torch.device):
+    """On CUDA, SDPA without cuDNN's kernel (reported to fail on some masked shapes, which would
+    end the static step for good); host-side flags only, so capture is unaffected."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
 class _Graph:
     """One captured static step: its input buffers, the graph, its output buffer."""
 
-    def __init__(self, model, x: torch.Tensor, position: torch.Tensor, cache, long: bool):
-        self.x, self.position = x.clone(), position.clone()
+    def __init__(self, model, x: torch.Tensor, row: torch.Tensor, position: torch.Tensor, cache, long: bool):
+        with torch.inference_mode(False):  # ordinary tensors: usable under no_grad too
+            self.x, self.row, self.position = x.clone(), row.clone(), position.clone()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, lazy inits)
+        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, compiles, lazy inits)
             for _ in range(2):
-                static_step(model, self.x, self.position, cache, long)  # rewrites this token's row: harmless
+                static_step(model, self.x, self.row, self.position, cache, long)  # rewrites this token's row
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = static_step(model, self.x, self.position, cache, long)
+            self.out = static_step(model, self.x, self.row, self.position, cache, long)
 
-    def __call__(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, start: int, position: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
+        self.row.fill_(start)
         self.position.copy_(position)
         self.graph.replay()
         return self.out.clone()
@@ -516,26 +536,33 @@ class StaticStep:
 
     def __call__(self, model, x, cache, start: int, position_ids, long: bool) -> torch.Tensor:
         position = position_ids.reshape(1)
-        if x.device.type != "cuda" or not self.capture:
-            return self._uncaptured(model, x, position, cache, start, position_ids, long)
-        key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), long)
-        graph = self.graphs.pop(key, None)
-        if graph is None:
-            try:
-                graph = _Graph(model, x, position, cache, long)
-            except Exception as exc:  # never fail a decode: run uncaptured from now on
-                warnings.warn(f"CUDA graph capture failed, decoding uncaptured ({type(exc).__name__}: {exc})",
-                              stacklevel=2)
-                self.capture, self.graphs = False, {}
-                return self._uncaptured(model, x, position, cache, start, position_ids, long)
-            while len(self.graphs) >= self.most_graphs:
-                self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = graph  # (re)inserted last: the most recently used
-        return graph(x, position)
+        with _attention_kernels(x.device):
+            if x.device.type != "cuda" or not self.capture:
+                return self._uncaptured(model, x, cache, start, position_ids, long)
+            key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), long)
+            graph = self.graphs.pop(key, None)
+            if graph is None:
+                try:
+                    row = torch.full((1,), start, dtype=torch.long, device=x.device)
+                    graph = _Graph(model, x, row, position, cache, long)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # never fail a decode: run uncaptured from now on
+                    warnings.warn(f"CUDA graph capture failed, decoding uncaptured ({type(exc).__name__}: {exc})",
+                                  stacklevel=2)
+                    self.capture, self.graphs = False, {}
+                    return self._uncaptured(model, x, cache, start, position_ids, long)
+                while len(self.graphs) >= self.most_graphs:
+                    self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = graph  # (re)inserted last: the most recently used
+            return graph(x, start, position)
 
-    def _uncaptured(self, model, x, position, cache, start: int, position_ids, long: bool) -> torch.Tensor:
+    def _uncaptured(self, model, x, cache, start: int, position_ids, long: bool) -> torch.Tensor:
         try:
-            return static_step(model, x, position, cache, long)
+            row = torch.full((1,), start, dtype=torch.long, device=x.device)
+            return static_step(model, x, row, position_ids.reshape(1), cache, long)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:  # (an old torch, a kernel this device lacks): the model's own layers
             warnings.warn(f"static decode step unavailable, decoding eagerly ({type(exc).__name__}: {exc})",
                           stacklevel=2)

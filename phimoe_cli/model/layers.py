@@ -205,6 +205,8 @@ class Experts(ExpertGroup):
         if x.device.type == "cuda" and self.w1.dtype == torch.bfloat16 and _GROUPED_ON_CUDA[0]:
             try:
                 return self.grouped(x, weights, chosen)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as exc:  # a GPU this torch has no grouped kernel for: per expert from now on
                 _GROUPED_ON_CUDA[0] = False
                 warnings.warn(f"grouped expert products unavailable ({exc}); computing them expert by expert",
