@@ -3,6 +3,7 @@
     python3 benchmarks/peers.py                      # the `mid` shape, 2 threads, 2 rounds
     python3 benchmarks/peers.py --rounds 3 --threads 2 --settings bf16,int8,nf4
     python3 benchmarks/peers.py --settings bf16 --depth 4096 --gen 32   # decode at 4K of context
+    python3 benchmarks/peers.py --avx2               # an AVX-512 CPU standing in for an AVX2 one
 
 What it does (nothing here runs in CI):
 
@@ -56,24 +57,32 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=True, text=True, **kw)
 
 
-def build_llama_cpp() -> Path:
-    """The llama.cpp source tree (with build/bin/llama-bench), built if missing."""
+# --avx2: llama.cpp built for AVX2 only, and phimoe's C kernels and torch's held to AVX2, so an
+# AVX-512 machine stands in for an AVX2-only one (a simulation: the cores' ports and caches stay theirs)
+AVX2_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"]
+AVX2_ENV = {"PHIMOE_NATIVE_CFLAGS": "-mavx2 -mfma -mf16c", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def build_llama_cpp(build: str = "build", cmake: tuple[str, ...] = ("-DGGML_NATIVE=ON",)) -> tuple[Path, Path]:
+    """The llama.cpp source tree and its build folder (with bin/llama-bench), built if missing."""
     src = peers_dir() / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (src / "build" / "bin" / "llama-bench").exists():
-        return src
+    if (src / build / "bin" / "llama-bench").exists():
+        return src, src / build
     peers_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp])
-        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        shutil.move(str(next(Path(tmp).glob("llama_cpp_python-*/"))), str(src.parents[1]))
-    run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+    if not src.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                 f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp])
+            archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            shutil.move(str(next(Path(tmp).glob("llama_cpp_python-*/"))), str(src.parents[1]))
+    run(["cmake", "-B", build, *cmake, "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"],
         cwd=src, stdout=subprocess.DEVNULL)
-    run(["cmake", "--build", "build", "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)],
+    run(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)],
         cwd=src, stdout=subprocess.DEVNULL)
-    return src
+    return src, src / build
 
 
 def make_checkpoint(shape: str, work: Path, layers: int | None = None, long: bool = False) -> Path:
@@ -105,9 +114,9 @@ def make_checkpoint(shape: str, work: Path, layers: int | None = None, long: boo
     return path
 
 
-def llama_env(src: Path) -> dict:
+def llama_env(build: Path) -> dict:
     """llama.cpp's binaries find their shared libraries beside them, even in a moved build tree."""
-    lib = str(src / "build" / "bin")
+    lib = str(build / "bin")
     return dict(os.environ, LD_LIBRARY_PATH=lib + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
 
 
@@ -121,7 +130,7 @@ def gguf(src: Path, checkpoint: Path, kind: str, work: Path) -> Path:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         run([src / "build" / "bin" / "llama-quantize", gguf(src, checkpoint, "BF16", work), out, kind],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=llama_env(src))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=llama_env(src / "build"))
     return out
 
 
@@ -149,10 +158,10 @@ print(json.dumps([g.result.prefill_tokens_per_s, g.result.decode_tokens_per_s]))
 """
 
 
-def time_ours(path: Path, prompt: str, gen: int, threads: int) -> tuple[float, float]:
+def time_ours(path: Path, prompt: str, gen: int, threads: int, extra_env: dict) -> tuple[float, float]:
     """phimoe's prefill and decode tok/s: a warm run (after one untimed generation, in the same
     process), as llama-bench times warm runs."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **extra_env)
     out = run([sys.executable, "-c", WARM, path, prompt, gen], capture_output=True, env=env,
               stdin=subprocess.DEVNULL).stdout
     prefill, decode = json.loads(out)
@@ -162,23 +171,23 @@ def time_ours(path: Path, prompt: str, gen: int, threads: int) -> tuple[float, f
 NO_REPACK: set[Path] = set()  # models whose llama-bench run crashed with the default (repacked) weights
 
 
-def time_llama(src: Path, model: Path, prompt: int, gen: int, threads: int, depth: int = 0) -> tuple[float, float]:
+def time_llama(build: Path, model: Path, prompt: int, gen: int, threads: int, depth: int = 0) -> tuple[float, float]:
     """llama-bench's prefill / decode tok/s. Where it dies of a signal with its default repacked
     weights (seen on an Intel Xeon with AMX: Q8_0 and Q4_0 of this MoE crash in the AMX / repacked
     path), it is run again with ``--repack 0`` and the table says so."""
-    bench = src / "build" / "bin" / "llama-bench"
+    bench = build / "bin" / "llama-bench"
     cmd = [bench, "-m", model, "-p", prompt, "-n", gen, "-t", threads, "-o", "json"]
     if depth:  # decode only, after a context of `depth` tokens (prefilled before each of 2 runs)
         cmd = [bench, "-m", model, "-p", 0, "-n", gen, "-d", depth, "-r", 2, "-t", threads, "-o", "json"]
     try:
         if model in NO_REPACK:
             raise subprocess.CalledProcessError(-1, cmd)
-        out = run(cmd, capture_output=True, env=llama_env(src)).stdout
+        out = run(cmd, capture_output=True, env=llama_env(build)).stdout
     except subprocess.CalledProcessError as exc:
         if exc.returncode >= 0:
             raise
         NO_REPACK.add(model)
-        out = run([*cmd, "--repack", "0"], capture_output=True, env=llama_env(src)).stdout
+        out = run([*cmd, "--repack", "0"], capture_output=True, env=llama_env(build)).stdout
     rows = json.loads(out)
     pp = next((r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"]), 0.0)
     tg = next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])
@@ -224,8 +233,15 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--depth", type=int, default=0,
                     help="decode after a context of this many tokens (phimoe: a prompt that long; llama-bench -d)")
+    ap.add_argument("--avx2", action="store_true",
+                    help="both held to AVX2 (llama.cpp built without AVX-512, phimoe's C and torch's kernels "
+                         "AVX2): an AVX-512 machine simulating an AVX2-only one")
     args = ap.parse_args()
-    src = build_llama_cpp()
+    src, build = build_llama_cpp()
+    ours_env = {}
+    if args.avx2:
+        _, build = build_llama_cpp("build-avx2", tuple(AVX2_CMAKE))
+        ours_env = AVX2_ENV
     work = peers_dir() / "models"
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = make_checkpoint(args.shape, work, args.layers, long=args.depth + args.gen > 4096)
@@ -237,8 +253,8 @@ def main() -> None:
     for r in range(args.rounds):
         for s in settings:
             ours, theirs = models[s]
-            got = (*time_ours(ours, prompt, args.gen, args.threads),
-                   *time_llama(src, theirs, args.prompt, args.gen, args.threads, args.depth))
+            got = (*time_ours(ours, prompt, args.gen, args.threads, ours_env),
+                   *time_llama(build, theirs, args.prompt, args.gen, args.threads, args.depth))
             best[s] = [max(a, b) for a, b in zip(best[s], got, strict=True)]
             print(f"round {r + 1} {s}: ours {got[0]:.0f} / {got[1]:.1f}, llama.cpp {got[2]:.0f} / {got[3]:.1f} tok/s",
                   file=sys.stderr)
@@ -246,7 +262,8 @@ def main() -> None:
     what = (f"decode after {args.depth} tokens of context (phimoe's prefill column: that prompt; "
             f"llama-bench -d, no prefill column)" if args.depth else f"prompt {args.prompt}")
     print(f"{args.shape}{layers}, {args.threads} threads, {what}, {args.gen} new tokens, best of "
-          f"{args.rounds} interleaved rounds; CPU: {isa()}")
+          f"{args.rounds} interleaved rounds; CPU: {isa()}"
+          + ("; SIMULATED AVX2: both held to AVX2 builds on this CPU" if args.avx2 else ""))
     print("| setting | phimoe prefill / decode tok/s | llama.cpp | prefill / decode tok/s | ratio prefill |"
           " ratio decode |")
     print("|---|---|---|---|---|---|")
