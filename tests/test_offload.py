@@ -40,17 +40,27 @@ def test_offloaded_model_equals_the_resident_one(model_dir):
     assert offload_stats(ref) == {}
 
 
-def test_lru_hits_and_evictions():
+def stored_experts():
+    """4 offloaded experts (capacity 2) holding random float32 weights, and those weights."""
     torch.manual_seed(0)
     experts = OffloadedExperts(4, 8, 12, capacity=2, dtype=torch.float32, device="cpu")
     dense = {w: torch.randn(4, *experts.host[w].shape[1:]) for w in ("w1", "w2", "w3")}
     for w, t in dense.items():
         for e in range(4):
             experts.store(w, e, t[e])
+    return experts, dense
+
+
+def expert_reference(dense, e: int, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, dense["w1"][e])) * F.linear(x, dense["w3"][e]), dense["w2"][e])
+
+
+def test_lru_hits_and_evictions():
+    experts, dense = stored_experts()
     x = torch.randn(3, 8)
     for e in (0, 1, 0, 2, 1, 1):
         got = experts.expert(e, x)
-        want = F.linear(F.silu(F.linear(x, dense["w1"][e])) * F.linear(x, dense["w3"][e]), dense["w2"][e])
+        want = expert_reference(dense, e, x)
         assert torch.allclose(got, want, atol=1e-6), e  # right weights after every eviction
     # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 1 miss (evicts 0), 1 hit
     assert (experts.hits, experts.misses) == (2, 4)
@@ -61,16 +71,11 @@ def test_misses_computed_on_the_host_leave_the_cache_alone(monkeypatch):
     """PHIMOE_OFFLOAD_MISS=host: a miss of a few rows is computed from host memory and not cached;
     more rows than HOST_ROWS are copied in as before."""
     monkeypatch.setenv("PHIMOE_OFFLOAD_MISS", "host")
-    torch.manual_seed(0)
-    experts = OffloadedExperts(4, 8, 12, capacity=2, dtype=torch.float32, device="cpu")
-    dense = {w: torch.randn(4, *experts.host[w].shape[1:]) for w in ("w1", "w2", "w3")}
-    for w, t in dense.items():
-        for e in range(4):
-            experts.store(w, e, t[e])
+    experts, dense = stored_experts()
     few, many = torch.randn(1, 8), torch.randn(HOST_ROWS + 1, 8)
     for e, x in ((0, few), (1, many), (1, few), (2, few), (0, many), (2, few)):
         got = experts.expert(e, x)
-        want = F.linear(F.silu(F.linear(x, dense["w1"][e])) * F.linear(x, dense["w3"][e]), dense["w2"][e])
+        want = expert_reference(dense, e, x)
         assert torch.allclose(got, want, atol=1e-6), e
     # 0 few: host; 1 many: copied; 1 few: hit; 2 few: host; 0 many: copied; 2 few: host
     assert (experts.hits, experts.misses, experts.host_computed) == (1, 5, 3)
