@@ -14,7 +14,8 @@ What it does (nothing here runs in CI):
    the Phi-3 tokenizer files from ../shared/reference), of the ``mid`` shape (hidden 1024, ffn 1600,
    8 layers, 16 experts top-2, 716M parameters) unless ``--shape`` says otherwise.
 3. llama.cpp's ``convert_hf_to_gguf.py`` makes BF16 and Q8_0 GGUFs of it, ``llama-quantize`` the
-   Q4_0 one; ``phimoe quantize`` writes our int8 and nf4 checkpoints (experts and attention).
+   Q4_0 one; ``phimoe quantize`` writes our int8 and nf4 checkpoints (experts, attention and,
+   as int8, the output head).
 4. Rounds: each setting, phimoe then llama.cpp, is timed in turn, so a fast or slow minute of the
    machine's memory falls on both. phimoe: a raw prompt of --prompt tokens and --gen greedy
    tokens (ignoring stop tokens) through the library's Generator, as ``phimoe generate`` runs them,
@@ -23,9 +24,9 @@ What it does (nothing here runs in CI):
    gives the best of the rounds for each.
 
 What differs between the two, beyond the code: llama.cpp's Q8_0 and Q4_0 quantize every matrix
-(its Q4_0 keeps the output head in Q6_K), phimoe quantizes experts and attention and keeps the
-router, embeddings and output head in bfloat16. llama.cpp multiplies int8 activations (Q8_0),
-phimoe int16 ones.
+(its Q8_0 keeps the output head in Q8_0, its Q4_0 in Q6_K; the router stays F32), phimoe quantizes
+experts and attention, stores the head as int8 (``--quantize-head``) and keeps the router and
+embeddings in bfloat16. llama.cpp multiplies int8 activations (Q8_0), phimoe int16 ones.
 """
 
 from __future__ import annotations
@@ -134,12 +135,15 @@ def gguf(src: Path, checkpoint: Path, kind: str, work: Path) -> Path:
     return out
 
 
+OURS_FLAGS = ("--quantize-attention", "--quantize-head")
+
+
 def ours_checkpoint(checkpoint: Path, quantize: str, work: Path) -> Path:
     if quantize == "none":
         return checkpoint
-    out = work / f"{checkpoint.name}-{quantize}-attention"
-    if not (out / "phimoe_quantization.json").exists():
-        run(["phimoe", "quantize", checkpoint, out, "-q", quantize, "--quantize-attention"], stdout=subprocess.DEVNULL)
+    out = work / f"{checkpoint.name}-{quantize}-attention-head"
+    if not (out / "phimoe_quantization.json").exists():  # the head int8, as llama.cpp quantizes its head too
+        run(["phimoe", "quantize", checkpoint, out, "-q", quantize, *OURS_FLAGS], stdout=subprocess.DEVNULL)
     return out
 
 
@@ -269,7 +273,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for s in settings:
         p, d, lp, ld = best[s]
-        ours = "bf16" if s == "bf16" else f"-q {s} --quantize-attention"
+        ours = "bf16" if s == "bf16" else f"-q {s} {' '.join(OURS_FLAGS)}"
         theirs = SETTINGS[s][1] + (" (`--repack 0`: it crashed without)" if models[s][1] in NO_REPACK else "")
         ratio = f"{p / lp:.2f}x" if lp else "-"
         print(f"| {ours} | {p:.0f} / {d:.1f} | {theirs} | {lp:.0f} / {ld:.1f} | {ratio} | {d / ld:.2f}x |")

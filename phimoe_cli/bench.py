@@ -297,11 +297,13 @@ def transformers_model(model: PhimoeForCausalLM):
 
 
 # ----------------------------------------------------------------------------------------- run
-def _check_options(quantize, quantize_attention, compare, offload, prompt_tokens, gen_tokens, repeat) -> None:
+def _check_options(quantize, quantize_attention, quantize_head, compare, offload, prompt_tokens, gen_tokens,
+                   repeat) -> None:
     if quantize not in ("none", *QUANT_BYTES):
         raise UsageError(f"--quantize: unknown {quantize!r} (choose none, {', '.join(QUANT_BYTES)})")
-    if quantize_attention and quantize == "none":
-        raise UsageError("--quantize-attention needs --quantize int8, nf4 or fp4")
+    for flag, given in (("--quantize-attention", quantize_attention), ("--quantize-head", quantize_head)):
+        if given and quantize == "none":
+            raise UsageError(f"{flag} needs --quantize int8, nf4 or fp4")
     if quantize != "none" and compare is not None:
         raise UsageError("--compare runs on unquantized weights: use it without --quantize")
     if compare is not None and compare not in COMPARE:
@@ -329,8 +331,9 @@ def run(
     quantize_attention: bool = False,
     offload: str = "none",
     gpu_memory: int | None = None,
+    quantize_head: bool = False,
 ) -> dict:
-    _check_options(quantize, quantize_attention, compare, offload, prompt_tokens, gen_tokens, repeat)
+    _check_options(quantize, quantize_attention, quantize_head, compare, offload, prompt_tokens, gen_tokens, repeat)
     if threads is not None:
         torch.set_num_threads(threads)
     config = shape_config(shape, layers)
@@ -356,7 +359,7 @@ def run(
     t = time.perf_counter()
     model = random_model(config, torch_dtype, dev, seed, capacity)
     if quantize != "none":
-        quantize_in_place(model, quantize, quantize_attention)
+        quantize_in_place(model, quantize, quantize_attention, quantize_head)
     decode.choose(model)
     build_s = time.perf_counter() - t
     ours = _Ours(model, prompt_tokens + gen_tokens)
@@ -375,7 +378,7 @@ def run(
 
     del probe
     context = prompt_tokens + (gen_tokens - 1) / 2  # mean tokens attended over the decode steps
-    active = active_bytes(config, torch_dtype.itemsize, context, quantize, quantize_attention)
+    active = active_bytes(config, torch_dtype.itemsize, context, quantize, quantize_attention, quantize_head)
     # each timed run against the bandwidth read just before it (a fast minute and a slow one are
     # not mixed); the median run counts
     readings = [bw for r in results for bw in r.read_bytes_s]
@@ -393,6 +396,7 @@ def run(
         "dtype": str(torch_dtype).removeprefix("torch."),
         "quantize": quantize,
         "quantize_attention": quantize_attention,
+        "quantize_head": quantize_head,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -448,7 +452,9 @@ def _machine(device: torch.device) -> str:
 def _quantized_what(result: dict) -> str:
     if result.get("quantize", "none") == "none":
         return ""
-    return f" with {result['quantize']} experts" + (" and attention" if result.get("quantize_attention") else "")
+    parts = [f"{result['quantize']} experts"] + ["attention"] * bool(result.get("quantize_attention"))
+    parts += ["an int8 head"] * bool(result.get("quantize_head"))
+    return " with " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
 
 
 def _gib(n: float) -> str:

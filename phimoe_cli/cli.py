@@ -97,6 +97,7 @@ def quantize(
     out: Annotated[str, typer.Argument(help="Directory to write the quantized checkpoint to.")],
     quantize: options.Quantize = None,
     quantize_attention: options.QuantizeAttention = False,
+    quantize_head: options.QuantizeHead = False,
     dtype: options.Dtype = "auto",
     revision: options.Revision = None,
     offline: options.Offline = False,
@@ -120,7 +121,8 @@ def quantize(
     from phimoe_cli.model.saving import save_quantized
 
     path = resolve_model(model, revision=revision, offline=offline or None)
-    net = load_model(path, dtype=dtype, quantize=quant, quantize_attention=quantize_attention)
+    net = load_model(path, dtype=dtype, quantize=quant, quantize_attention=quantize_attention,
+                     quantize_head=quantize_head)
     try:
         typer.echo(str(save_quantized(net, path, target)))
     except OSError as exc:
@@ -133,6 +135,7 @@ def evaluate(
     text: Annotated[str, typer.Option("--text", help="A UTF-8 text file to score.")],
     quantize: options.Quantize = None,
     quantize_attention: options.QuantizeAttention = False,
+    quantize_head: options.QuantizeHead = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Score at most this many tokens.")] = 1024,
     dtype: options.Dtype = "auto",
     device: options.Device = "cpu",
@@ -158,7 +161,8 @@ def evaluate(
     ids = Tokenizer.from_dir(path).encode(content)[:max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{text} has fewer than 2 tokens")
-    result = run_eval(path, ids, quantize or "int8", dtype=dtype, device=device, quantize_attention=quantize_attention)
+    result = run_eval(path, ids, quantize or "int8", dtype=dtype, device=device, quantize_attention=quantize_attention,
+                      quantize_head=quantize_head)
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -278,6 +282,7 @@ def bench(
                                                 help="Also run 'transformers' on the same weights.")] = None,
     quantize: options.Quantize = None,
     quantize_attention: options.QuantizeAttention = False,
+    quantize_head: options.QuantizeHead = False,
     offload: options.Offload = "none",
     gpu_memory: options.GpuMemory = None,
     json_out: options.Json = False,
@@ -289,7 +294,8 @@ def bench(
     raise typer.Exit(run_bench(
         as_json=json_out, shape=shape, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, dtype=dtype,
         device=device, threads=threads, repeat=repeat, layers=layers, compare=compare, quantize=quantize or "none",
-        quantize_attention=quantize_attention, offload=offload, gpu_memory=parse_size(gpu_memory),
+        quantize_attention=quantize_attention, quantize_head=quantize_head, offload=offload,
+        gpu_memory=parse_size(gpu_memory),
     ))
 
 

@@ -189,7 +189,7 @@ class LocalEngine:
         chunk = min(chunk, model.config.max_position_embeddings - 1)
         out = []
         for start in range(0, len(ids) - 1, chunk):
-            x = torch.tensor([ids[start : start + chunk + 1]], device=model.lm_head.weight.device)
+            x = torch.tensor([ids[start : start + chunk + 1]], device=model.model.embed_tokens.weight.device)
             with torch.inference_mode():
                 logits = model(x[:, :-1])[0].float()
             out.append(torch.log_softmax(logits, dim=-1).cpu())

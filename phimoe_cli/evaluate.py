@@ -19,13 +19,14 @@ from phimoe_cli.runtime import load
 
 
 def evaluate(path, ids: list[int], quantize: str, dtype: str = "auto", device: str = "cpu",
-             quantize_attention: bool = False, chunk: int = 1024, progress=None) -> dict:
+             quantize_attention: bool = False, chunk: int = 1024, progress=None, quantize_head: bool = False) -> dict:
     if len(ids) < 2:
         raise UsageError("the text must have at least 2 tokens")
     targets = torch.tensor(ids[1:])
     options = LoadOptions(model=str(path), dtype=dtype, device=device)
     ref = LocalEngine(load(options, progress=progress)).log_probs(ids, chunk)  # freed before the next load
-    q = LocalEngine(load(replace(options, quantize=quantize, quantize_attention=quantize_attention),
+    q = LocalEngine(load(replace(options, quantize=quantize, quantize_attention=quantize_attention,
+                                 quantize_head=quantize_head),
                          progress=progress)).log_probs(ids, chunk)
     kl = (ref.exp() * (ref - q)).sum(-1)  # KL(reference || quantized) per position
     nll_ref = -ref.gather(1, targets[:, None]).mean().item()

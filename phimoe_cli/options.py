@@ -40,6 +40,9 @@ Quantize = Annotated[str | None, typer.Option(
     rich_help_panel=_LOADING, show_default=False)]
 QuantizeAttention = Annotated[bool, typer.Option("--quantize-attention", help="Also quantize q/k/v/o.",
                                                  rich_help_panel=_LOADING)]
+QuantizeHead = Annotated[bool, typer.Option(
+    "--quantize-head", help="Also store the output head as int8 (whatever -q is; llama.cpp's is 6-8 bits).",
+    rich_help_panel=_LOADING)]
 Offload = Annotated[str, typer.Option(
     "--offload", help="experts: kept in host RAM, the used ones cached on the device; disk: memory-mapped "
                       "from the files.", rich_help_panel=_LOADING)]
@@ -93,8 +96,8 @@ SAMPLING_NAMES = tuple(f.name for f in fields(SamplingParams))
 SAMPLING_OPTIONS = dict(zip(SAMPLING_NAMES, (Temperature, TopK, TopP, MinP, RepetitionPenalty, Seed), strict=True))
 LOAD_OPTIONS = {  # name: (option, default)
     "revision": (Revision, None), "offline": (Offline, False), "dtype": (Dtype, "auto"), "device": (Device, "cpu"),
-    "quantize": (Quantize, None), "quantize_attention": (QuantizeAttention, False), "offload": (Offload, "none"),
-    "gpu_memory": (GpuMemory, None),
+    "quantize": (Quantize, None), "quantize_attention": (QuantizeAttention, False),
+    "quantize_head": (QuantizeHead, False), "offload": (Offload, "none"), "gpu_memory": (GpuMemory, None),
 }
 
 
@@ -168,6 +171,7 @@ class LoadOptions:
     device: str = "cpu"
     quantize: str = "none"
     quantize_attention: bool = False
+    quantize_head: bool = False
     offload: str = "none"
     gpu_memory: str | None = None
 

@@ -81,9 +81,10 @@ def load(options: LoadOptions | str, progress: bool | None = None) -> Loaded:
     from phimoe_cli.model import load_model  # torch: after the model and its tokenizer are found
 
     net = load_model(path, dtype=o.dtype, device=o.device, progress=progress, quantize=o.quantize,
-                     quantize_attention=o.quantize_attention, offload=o.offload, gpu_memory=parse_size(o.gpu_memory))
+                     quantize_attention=o.quantize_attention, quantize_head=o.quantize_head, offload=o.offload,
+                     gpu_memory=parse_size(o.gpu_memory))
     dtype_name = str(next(net.parameters()).dtype).replace("torch.", "")
-    device_name = str(net.lm_head.weight.device.type)
+    device_name = str(net.model.embed_tokens.weight.device.type)
     return Loaded(o.model, o.revision, path, net, tokenizer, dtype_name, device_name, time.perf_counter() - t0)
 
 

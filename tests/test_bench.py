@@ -60,6 +60,16 @@ def test_active_bytes_counts_two_of_sixteen_experts():
     assert memory.parameter_counts(cfg)["total"] == real
 
 
+def test_an_int8_head_is_counted_as_a_byte_a_weight_and_a_scale_a_row():
+    from phimoe_cli.model import memory
+
+    cfg = bench.shape_config("mid")
+    bf16_head = memory.active_bytes(cfg, 2, context=10, quantize="nf4", quantize_attention=True)
+    int8_head = memory.active_bytes(cfg, 2, context=10, quantize="nf4", quantize_attention=True, quantize_head=True)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    assert bf16_head - int8_head == 2 * v * h - (v * h + 4 * v)
+
+
 def test_compare_transformers_runs_the_same_weights():
     pytest.importorskip("transformers")
     out = bench.run(shape="tiny", prompt_tokens=6, gen_tokens=2, dtype="float32", repeat=1, compare="transformers")

@@ -6,14 +6,17 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
 from checkpoints import make_config, write_checkpoint
-from conftest import run_phimoe
+from conftest import assert_same_clear_choices, run_phimoe
 
 from phimoe_cli.generation import Generator, SamplingParams
 from phimoe_cli.model import CheckpointError, load_model
+from phimoe_cli.model import decode as backends
+from phimoe_cli.model.quant import check_head
 from phimoe_cli.model.saving import save_quantized
 from phimoe_cli.tokenizer import Tokenizer
 
@@ -109,13 +112,81 @@ def test_quantize_attention_too(model_dir):
     assert torch.isfinite(out).all()
 
 
+def int8_dequantized(w: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' own row-wise int8 quantization of ``w``, read back (float32)."""
+    q, absmax, _ = bnbf.int8_vectorwise_quant(w.float())
+    return bnbf.int8_vectorwise_dequant(q, absmax).float()
+
+
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
+@pytest.mark.parametrize("kind", ["native", "eager"])
+def test_int8_head_computes_with_the_dequantized_head(model_dir, kind):
+    """--quantize-head: the head of a decode step (the C step's rows, or torch's int8 kernel) against
+    float64 products of bitsandbytes' int8 quantization of the checkpoint's head, bias included."""
+    plain = load_model(model_dir)  # float32, as the checkpoint stores it: what was quantized
+    q = load_model(model_dir, dtype="bfloat16", quantize="int8", quantize_head=True)
+    if backends.choose(q, kind) != kind:
+        pytest.skip(f"no {kind} decode step here")
+    assert q.lm_head.weight_q.qweight.dtype == torch.int8  # stored quantized: a byte a weight
+    assert q.quantization["quantize_head"]
+    w, bias = plain.lm_head.weight, plain.lm_head.bias
+    h = torch.randn(1, 1, w.shape[1], generator=torch.Generator().manual_seed(3)).bfloat16()
+    want = h.double() @ int8_dequantized(w).double().T + bias.bfloat16().double()
+    step = q.model.decode_step
+    with torch.inference_mode():
+        got = (step.head(q.lm_head, h) if step is not None else q.lm_head(h)).double()
+    assert got.shape == want.shape
+    # two bfloat16 roundings (the product, then the bias added), and the activations' int16 blocks
+    assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-3 * want.abs().max()).all()
+
+
+@pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
+def test_int8_head_decodes_the_dequantized_model_greedy_tokens(model_dir):
+    """A whole greedy decode with an int8 head (bf16, the default decode step) picks the tokens of
+    the float32 model whose experts and head are the dequantized int8 weights, wherever they are clear."""
+    q = load_model(model_dir, dtype="bfloat16", quantize="int8", quantize_head=True)
+    ref = load_model(model_dir, quantize="int8")
+    ref.lm_head.weight.data = int8_dequantized(ref.lm_head.weight)
+    x = ids(8, seed=5)
+    with torch.inference_mode():
+        want, tokens = [ref(x)[:, -1]], []
+        for _ in range(12):  # the reference's own greedy continuation
+            tokens.append(int(want[-1].argmax()))
+            want.append(ref(torch.cat([x, torch.tensor([tokens])], 1))[:, -1])
+        cache = q.new_cache()
+        got = [q(x, cache=cache, logits_to_keep=1)[:, -1]]
+        got += [q(torch.tensor([[t]]), cache=cache)[:, -1] for t in tokens]
+    assert_same_clear_choices(torch.cat(got[:-1]), torch.cat(want[:-1]), tokens)
+
+
+def test_quantize_head_is_refused_where_it_means_nothing(tmp_path, model_dir):
+    r = run_phimoe("generate", "-m", model_dir, "Hi", "-n", "1", "--quantize-head")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "--quantize-head needs --quantize" in err and len(err.strip().splitlines()) == 1
+    out = save_quantized(load_model(model_dir, quantize="int8"), model_dir, tmp_path / "q")
+    with pytest.raises(ValueError, match="quantized without --quantize-head"):
+        load_model(out, quantize_head=True)
+    tied = types.SimpleNamespace(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties its output head"):
+        check_head(tied, True)
+    check_head(tied, False)
+
+
+def test_a_quantization_file_from_before_the_head_option_loads(tmp_path, model_dir):
+    out = save_quantized(load_model(model_dir, quantize="int8"), model_dir, tmp_path / "q")
+    meta = json.loads((out / "phimoe_quantization.json").read_text())
+    del meta["quantize_head"]
+    (out / "phimoe_quantization.json").write_text(json.dumps(meta))
+    assert load_model(out).quantization["quantize_head"] is False
+
+
 @pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
 def test_save_and_reload_round_trip(tmp_path, model_dir):
-    q = load_model(model_dir, dtype="bfloat16", quantize="nf4", quantize_attention=True)
+    q = load_model(model_dir, dtype="bfloat16", quantize="nf4", quantize_attention=True, quantize_head=True)
     out = save_quantized(q, model_dir, tmp_path / "nf4")
     assert (out / "tokenizer.json").exists() and (out / "phimoe_quantization.json").exists()
     again = load_model(out, dtype="auto")
-    assert again.quantization == {"quantize": "nf4", "quantize_attention": True}
+    assert again.quantization == {"quantize": "nf4", "quantize_attention": True, "quantize_head": True}
     for (name, a), (_, b) in zip(q.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     x = ids(12)

@@ -78,7 +78,7 @@ def kind(model) -> str:
 
 
 def _default(model) -> str:
-    p = model.lm_head.weight
+    p = model.model.embed_tokens.weight
     if p.device.type != "cpu":
         return "static" if p.device.type == "cuda" and supports_static(model) else "eager"
     if supports_native(model) and native.library() is not None:
@@ -146,9 +146,12 @@ class NativeStep:
         return self.decoder(x, cache, start, int(position_ids.reshape(-1)[0]), long)
 
     def head(self, lm_head, h: torch.Tensor) -> torch.Tensor:
-        w = lm_head.weight
+        w = getattr(lm_head, "weight", None)
         if type(lm_head) is Linear and w.dtype == h.dtype == torch.bfloat16 and w.is_contiguous():
             return native.linear(self.lib, h, w, lm_head.bias)
+        stored = getattr(lm_head, "weight_q", None)  # an int8 head (--quantize-head): read as the layers' rows
+        if h.dtype == torch.bfloat16 and stored is not None and native.matrix(stored) is not None:
+            return native.qlinear(self.lib, h, stored, 0, lm_head.bias)
         return lm_head(h)
 
 
@@ -368,9 +371,9 @@ class CompiledStep:
 def supports_static(model) -> bool:
     """Whether the static step can run this model: bfloat16, every layer's experts plain or
     quantized stacks (offloaded experts keep their own forward, which reads the routing on the host)."""
-    layers, device = model.model.layers, model.lm_head.weight.device
+    layers, device = model.model.layers, model.model.embed_tokens.weight.device
     plain = [type(layer.block_sparse_moe.experts) is Experts for layer in layers]
-    return (model.lm_head.weight.dtype == torch.bfloat16
+    return (model.model.embed_tokens.weight.dtype == torch.bfloat16
             and all(p or _quantized(layer.block_sparse_moe.experts) for p, layer in zip(plain, layers, strict=True))
             and not (any(plain) and device.type == "cuda" and not _fast_grouped_mm(device)))
 

@@ -324,15 +324,16 @@ QUANT_FILE = "phimoe_quantization.json"
 
 def build_empty(cls, config: PhimoeConfig, dtype: torch.dtype, device: torch.device,
                 quantize: str = "none", quantize_attention: bool = False, offload_capacity: int | None = None,
-                mapped: bool = False):
+                mapped: bool = False, quantize_head: bool = False):
     """The model with uninitialised storage in ``dtype`` on ``device`` (nothing is computed).
-    With ``quantize``, the experts (and with ``quantize_attention`` the attention projections)
-    are quantized modules: the float weights are never allocated. With ``offload_capacity``, the
+    With ``quantize``, the experts (with ``quantize_attention`` the attention projections, with
+    ``quantize_head`` the output head, as int8) are quantized modules: the float weights are never
+    allocated. With ``offload_capacity``, the
     experts live in host memory with that many per layer cached on ``device``."""
     with torch.device("meta"):
         model = cls(config).to(dtype=dtype)
         if quantize != "none":
-            swap_in_quantized(model, quantize, quantize_attention, dtype)
+            swap_in_quantized(model, quantize, quantize_attention, dtype, quantize_head)
         if offload_capacity is not None:
             swap_in_offloaded(model, offload_capacity, dtype, device, mapped)
     model = model._apply(lambda t: hugepages.empty_like(t, device))  # to_empty, in huge pages on the CPU
@@ -349,7 +350,8 @@ def read_quantization(path: str | Path) -> dict | None:
     try:
         info = json.loads(file.read_text(encoding="utf-8"))
         if (info.get("format") != 1 or info.get("quantize") not in QUANT_TYPES
-                or not isinstance(info.get("quantize_attention"), bool) or info.get("dtype") not in DTYPES):
+                or not isinstance(info.get("quantize_attention"), bool) or info.get("dtype") not in DTYPES
+                or not isinstance(info.setdefault("quantize_head", False), bool)):  # absent: written before it existed
             raise ValueError
         return info
     except (ValueError, AttributeError, UnicodeDecodeError):
@@ -366,11 +368,13 @@ def load_model(
     quantize_attention: bool = False,
     offload: str = "none",
     gpu_memory: int | None = None,
+    quantize_head: bool = False,
 ):
     """Load a checkpoint directory (hub layout) into a model in eval mode.
 
     ``dtype``: auto (the config's torch_dtype), bfloat16, float16 or float32. ``device``: cpu or
-    cuda. ``quantize``: none, int8, nf4 or fp4 experts, quantized tensor by tensor while loading.
+    cuda. ``quantize``: none, int8, nf4 or fp4 experts, quantized tensor by tensor while loading
+    (``quantize_attention``: q/k/v/o too; ``quantize_head``: the output head too, as int8).
     A checkpoint written by ``phimoe quantize`` loads as it was saved. ``offload="experts"`` keeps
     the experts in host memory and caches as many per layer on ``device`` as ``gpu_memory`` bytes
     allow (at least top-k); ``offload="disk"`` does the same but leaves the experts memory-mapped
@@ -383,11 +387,20 @@ def load_model(
     if quantize not in ("none", *QUANT_TYPES):
         raise UsageError(f"unknown quantization {quantize!r}: choose none, {', '.join(QUANT_TYPES)}")
     if saved is not None:
-        if quantize not in ("none", saved["quantize"]) or (quantize_attention and not saved["quantize_attention"]):
+        if quantize not in ("none", saved["quantize"]):
             raise UsageError(f"{path} is already quantized ({saved['quantize']}); load it without --quantize")
+        for flag, asked, done in (("--quantize-attention", quantize_attention, saved["quantize_attention"]),
+                                  ("--quantize-head", quantize_head, saved["quantize_head"])):
+            if asked and not done:
+                raise UsageError(f"{path} was quantized without {flag}; load it without {flag} "
+                                 "(or quantize the original again with it)")
         quantize, quantize_attention = saved["quantize"], saved["quantize_attention"]
+        quantize_head = saved["quantize_head"]
         if dtype == "auto":
             dtype = saved["dtype"]
+    elif quantize == "none" and (quantize_attention or quantize_head):
+        flag = "--quantize-attention" if quantize_attention else "--quantize-head"
+        raise UsageError(f"{flag} needs --quantize int8, nf4 or fp4")
     torch_dtype = resolve_dtype(dtype, config)
     if device == "auto":
         plan = plan_placement(config, torch_dtype.itemsize, quantize, gpu_memory)
@@ -402,9 +415,11 @@ def load_model(
         if quantize != "none":
             raise UsageError("--offload works with unquantized experts for now (use one or the other)")
         capacity = cache_capacity(config, torch_dtype.itemsize, dev, gpu_memory)
-    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity, offload == "disk")
+    model = build_empty(cls, config, torch_dtype, dev, quantize, quantize_attention, capacity, offload == "disk",
+                        quantize_head)
     load_weights(model, path, config, progress, saved_quantized=saved is not None)
-    model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention}
+    model.quantization = {"quantize": quantize, "quantize_attention": quantize_attention,
+                          "quantize_head": quantize_head}
     model = model.eval().requires_grad_(False)
     if isinstance(model, PhimoeForCausalLM):
         decode.choose(model)  # its one-token back-end, now that the weights are in place

@@ -65,9 +65,9 @@ def expert_bytes(c: PhimoeConfig, dtype_bytes: int) -> int:
 
 
 def active_bytes(c: PhimoeConfig, dtype_bytes: int, context: float, quantize: str = "none",
-                 quantize_attention: bool = False) -> int:
+                 quantize_attention: bool = False, quantize_head: bool = False) -> int:
     """Bytes one decode step must read: every dense weight, top_k of the experts, one embedding
-    row, and the KV cache of ``context`` tokens."""
+    row, and the KV cache of ``context`` tokens (an int8 head: a byte a weight, a float32 scale a row)."""
     h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     projections = h * (q + 2 * kv) + q * h
@@ -77,10 +77,12 @@ def active_bytes(c: PhimoeConfig, dtype_bytes: int, context: float, quantize: st
     experts = c.num_experts_per_tok * 3 * h * f
     kv_cache = 2 * kv * context
     per_layer = attention + norms + router + kv_cache
-    head = c.vocab_size * h + c.vocab_size * c.lm_head_bias + 2 * h + h  # lm_head, final norm, embedding row
+    head = (0 if quantize_head else c.vocab_size * h) + c.vocab_size * c.lm_head_bias
+    head += 2 * h + h  # the final norm, one embedding row
     quantized = experts + (projections if quantize_attention else 0)
     return int((c.num_hidden_layers * per_layer + head) * dtype_bytes
-               + c.num_hidden_layers * quantized * QUANT_BYTES.get(quantize, dtype_bytes))
+               + c.num_hidden_layers * quantized * QUANT_BYTES.get(quantize, dtype_bytes)
+               + (c.vocab_size * (h * QUANT_BYTES["int8"] + 4) if quantize_head else 0))
 
 
 def available_ram() -> int | None:

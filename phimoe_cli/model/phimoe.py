@@ -138,7 +138,7 @@ class PhimoeForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # (the head may be stored quantized)
         return KVCache(self.config, batch_size, capacity, dtype=p.dtype, device=p.device)
 
 

@@ -1,7 +1,8 @@
 """8- and 4-bit experts (bitsandbytes formats), quantized while loading.
 
 94% of Phi-3.5-MoE's weights are experts, so only they are quantized (``--quantize-attention``
-also does q/k/v/o); the router, norms, embeddings and ``lm_head`` stay in the compute dtype.
+also does q/k/v/o, ``--quantize-head`` stores the output head as int8 whatever the experts' format,
+as llama.cpp keeps its head at 6-8 bits); the router, norms and embeddings stay in the compute dtype.
 
 * ``int8``: bitsandbytes' row-wise absmax int8 (``int8_vectorwise_quant``, LLM.int8 without
   outlier columns): ``w ≈ q * absmax_row / 127``.
@@ -33,6 +34,7 @@ from .kernels import blocked_linear, prefill_dtype, prefill_linear
 from .layers import ExpertGroup
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
+HEAD_FORMAT = "int8"  # --quantize-head: 4 bits would cost the next-token distribution itself
 BLOCKSIZE = 64
 #: The 4-bit code values as int8: round(127 * bitsandbytes' get_4bit_type(...)) (tests check it).
 CODEBOOK = {
@@ -178,25 +180,35 @@ class QuantizedExperts(ExpertGroup):
         return self.w2.linear(e, F.silu(self.w1.linear(e, x)) * self.w3.linear(e, x))
 
 
-def swap_in_quantized(model, quant_type: str, attention: bool, dtype: torch.dtype) -> None:
-    """Give a model built on the meta device (no storage yet) quantized experts (and with
-    ``attention`` quantized q/k/v/o), empty: loading fills them tensor by tensor, so the float
-    weights are never allocated."""
+def check_head(config, head: bool) -> None:
+    """A head tied to the embeddings cannot be stored quantized (the embeddings read it as floats)."""
+    if head and config.tie_word_embeddings:
+        raise UsageError("--quantize-head: this model ties its output head to its embeddings")
+
+
+def swap_in_quantized(model, quant_type: str, attention: bool, dtype: torch.dtype, head: bool = False) -> None:
+    """Give a model built on the meta device (no storage yet) quantized experts (with ``attention``
+    quantized q/k/v/o, with ``head`` an int8 output head), empty: loading fills them tensor by
+    tensor, so the float weights are never allocated."""
     c = model.config
+    check_head(c, head)
+    if head:
+        model.lm_head = QuantizedLinear.like(model.lm_head, HEAD_FORMAT, dtype)
     for layer in model.model.layers:
         moe = layer.block_sparse_moe
         moe.experts = QuantizedExperts(c.num_local_experts, c.hidden_size, c.intermediate_size, quant_type, dtype)
         if attention:
-            attn = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                old = getattr(attn, name)
-                setattr(attn, name, QuantizedLinear(old.in_features, old.out_features, old.bias is not None,
-                                                    quant_type, dtype))
+                setattr(layer.self_attn, name, QuantizedLinear.like(getattr(layer.self_attn, name), quant_type, dtype))
 
 
-def quantize_in_place(model, quant_type: str, attention: bool = False) -> None:
-    """Replace a float model's experts (and with ``attention`` its q/k/v/o) by quantized copies,
-    one layer at a time (the float weights of a layer are freed as soon as it is done)."""
+def quantize_in_place(model, quant_type: str, attention: bool = False, head: bool = False) -> None:
+    """Replace a float model's experts (with ``attention`` its q/k/v/o, with ``head`` its output
+    head, as int8) by quantized copies, one layer at a time (the float weights of a layer are
+    freed as soon as it is done)."""
+    check_head(model.config, head)
+    if head:
+        model.lm_head = _quantized_copy(model.lm_head, HEAD_FORMAT)
     for layer in model.model.layers:
         moe = layer.block_sparse_moe
         dense = moe.experts
@@ -208,13 +220,15 @@ def quantize_in_place(model, quant_type: str, attention: bool = False) -> None:
         moe.experts = q
         if attention:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                old = getattr(layer.self_attn, name)
-                new = QuantizedLinear(old.in_features, old.out_features, old.bias is not None, quant_type,
-                                      old.weight.dtype, old.weight.device)
-                new.weight_q.store(0, old.weight)
-                if old.bias is not None:
-                    new.bias.data.copy_(old.bias)
-                setattr(layer.self_attn, name, new)
+                setattr(layer.self_attn, name, _quantized_copy(getattr(layer.self_attn, name), quant_type))
+
+
+def _quantized_copy(old: nn.Linear, quant_type: str) -> QuantizedLinear:
+    new = QuantizedLinear.like(old, quant_type, old.weight.dtype, old.weight.device)
+    new.weight_q.store(0, old.weight)
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias)
+    return new
 
 
 class QuantizedLinear(nn.Module):
@@ -226,6 +240,11 @@ class QuantizedLinear(nn.Module):
         self.weight_q = QuantizedMatrices(1, out_features, in_features, quant_type, dtype, device)
         zeros = torch.zeros(out_features, dtype=dtype, device=device)
         self.bias = nn.Parameter(zeros, requires_grad=False) if bias else None
+
+    @classmethod
+    def like(cls, old: nn.Linear, quant_type: str, dtype: torch.dtype, device=None) -> QuantizedLinear:
+        """An empty one of ``old``'s shape (``old`` may be on the meta device)."""
+        return cls(old.in_features, old.out_features, old.bias is not None, quant_type, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_q.linear(0, x)

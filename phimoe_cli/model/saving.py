@@ -54,6 +54,6 @@ def save_quantized(model, source: str | Path, out: str | Path, shard_bytes: int 
             shutil.copyfile(source / name, out / name)
     dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
     meta = {"format": 1, "quantize": info["quantize"], "quantize_attention": bool(info.get("quantize_attention")),
-            "dtype": dtype, "source": os.fspath(source)}
+            "quantize_head": bool(info.get("quantize_head")), "dtype": dtype, "source": os.fspath(source)}
     (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
     return out
