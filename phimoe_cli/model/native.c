@@ -1103,9 +1103,10 @@ static void exp_shifted(float *v, int n, float m) {
     }
 }
 
+#ifdef VL
 #if defined(__AVX512F__)
 /* the sums of 16 vectors, in order, by a transposing add tree (45 instructions, not 16 x ~10) */
-static inline __m512 sum16x16(const __m512 *a) {
+static inline __m512 sum_each(const __m512 *a) {
     __m512 b[8], c[4], e[2];
     for (int r = 0; r < 8; r++) /* per 128-bit lane: vectors 2r, 2r+1 */
         b[r] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * r], a[2 * r + 1]), _mm512_unpackhi_ps(a[2 * r], a[2 * r + 1]));
@@ -1115,24 +1116,43 @@ static inline __m512 sum16x16(const __m512 *a) {
         e[r] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * r], c[2 * r + 1], 0x88), _mm512_shuffle_f32x4(c[2 * r], c[2 * r + 1], 0xDD));
     return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
 }
+#define VSET1(f) _mm512_set1_ps(f)
+#define VSTOREF(p, v) _mm512_storeu_ps(p, v)
+#define VCHUNK 4 /* values4: output registers per head (16 in all) */
+#else
+/* the sums of 8 vectors, in order: three rounds of horizontal adds and one swap of halves */
+static inline __m256 sum_each(const __m256 *a) {
+    const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 b2 = _mm256_hadd_ps(a[4], a[5]), b3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3); /* per 128-bit half: vectors 0-3, 4-7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+#define VSET1(f) _mm256_set1_ps(f)
+#define VSTOREF(p, v) _mm256_storeu_ps(p, v)
+#define VCHUNK 2 /* values4: output registers per head (8 in all, of AVX2's 16) */
+#endif
+#define SROWS (VL / 4) /* scores4: cache rows per pass, four heads each: one register of sums */
 
 /* Four query heads q[4][D] that share one kv head: s[h][t] = K[t] . q[h], each cache row widened
- * once for the four (not once per head); t in [t0, t1). D: a multiple of 16. */
+ * once for the four (not once per head); t in [t0, t1). D: a multiple of VL. */
 static void scores4(const bf16 *K, int D, const float *q, int t0, int t1, float *s, long stride) {
     int t = t0;
-    for (; t + 4 <= t1; t += 4) {
-        __m512 a[16];
-        for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
-        for (int r = 0; r < 4; r++) {
-            const bf16 *k = K + (long)(t + r) * D;
-            for (int c = 0; c < D; c += 16) {
-                const __m512 kv = WIDEN_BF16(k + c);
-                for (int h = 0; h < 4; h++) a[4 * r + h] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + h * D + c), a[4 * r + h]);
+    for (; t + SROWS <= t1; t += SROWS) {
+        vf a[4 * SROWS];
+        for (int j = 0; j < 4 * SROWS; j++) a[j] = VZERO();
+        for (int c = 0; c < D; c += VL) {
+            const vf q0 = VLOADF(q + c), q1 = VLOADF(q + D + c), q2 = VLOADF(q + 2 * D + c), q3 = VLOADF(q + 3 * D + c);
+            for (int r = 0; r < SROWS; r++) {
+                const vf kv = WIDEN_BF16(K + (long)(t + r) * D + c);
+                a[4 * r] = VFMA(kv, q0, a[4 * r]);
+                a[4 * r + 1] = VFMA(kv, q1, a[4 * r + 1]);
+                a[4 * r + 2] = VFMA(kv, q2, a[4 * r + 2]);
+                a[4 * r + 3] = VFMA(kv, q3, a[4 * r + 3]);
             }
         }
-        float out[16];
-        _mm512_storeu_ps(out, sum16x16(a));
-        for (int r = 0; r < 4; r++)
+        float out[VL];
+        VSTOREF(out, sum_each(a));
+        for (int r = 0; r < SROWS; r++)
             for (int h = 0; h < 4; h++) s[h * stride + t + r] = out[4 * r + h];
     }
     for (; t < t1; t++)
@@ -1144,25 +1164,23 @@ static void scores4(const bf16 *K, int D, const float *q, int t0, int t1, float 
 }
 
 /* acc[h][0..D) += sum over t in [t0, t1) of p[h][t] * V[t], four heads sharing each widened row;
- * D: a multiple of 64 (four registers of outputs per head, sixteen in all) */
+ * D: a multiple of VCHUNK * VL (VCHUNK registers of outputs per head) */
 static void values4(const bf16 *V, int D, const float *p, long stride, int t0, int t1, float *acc) {
-    for (int i0 = 0; i0 < D; i0 += 64) {
-        __m512 a[16];
+    for (int i0 = 0; i0 < D; i0 += VCHUNK * VL) {
+        vf a[4 * VCHUNK];
         for (int h = 0; h < 4; h++)
-            for (int j = 0; j < 4; j++) a[4 * h + j] = _mm512_loadu_ps(acc + h * D + i0 + 16 * j);
+            for (int j = 0; j < VCHUNK; j++) a[VCHUNK * h + j] = VLOADF(acc + h * D + i0 + VL * j);
         for (int t = t0; t < t1; t++) {
             const bf16 *v = V + (long)t * D + i0;
-            const __m512 v0 = WIDEN_BF16(v), v1 = WIDEN_BF16(v + 16), v2 = WIDEN_BF16(v + 32), v3 = WIDEN_BF16(v + 48);
+            vf row[VCHUNK];
+            for (int j = 0; j < VCHUNK; j++) row[j] = WIDEN_BF16(v + VL * j);
             for (int h = 0; h < 4; h++) {
-                const __m512 ph = _mm512_set1_ps(p[h * stride + t]);
-                a[4 * h] = _mm512_fmadd_ps(ph, v0, a[4 * h]);
-                a[4 * h + 1] = _mm512_fmadd_ps(ph, v1, a[4 * h + 1]);
-                a[4 * h + 2] = _mm512_fmadd_ps(ph, v2, a[4 * h + 2]);
-                a[4 * h + 3] = _mm512_fmadd_ps(ph, v3, a[4 * h + 3]);
+                const vf ph = VSET1(p[h * stride + t]);
+                for (int j = 0; j < VCHUNK; j++) a[VCHUNK * h + j] = VFMA(ph, row[j], a[VCHUNK * h + j]);
             }
         }
         for (int h = 0; h < 4; h++)
-            for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + h * D + i0 + 16 * j, a[4 * h + j]);
+            for (int j = 0; j < VCHUNK; j++) VSTOREF(acc + h * D + i0 + VL * j, a[VCHUNK * h + j]);
     }
 }
 #endif
@@ -1178,7 +1196,7 @@ static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
         const bf16 *K = L->k_cache + g * d->cache_head_stride, *V = L->v_cache + g * d->cache_head_stride;
         const int h0 = g * group;
         float acc[MAX_GROUP * MAX_HEAD_DIM];
-#if defined(__AVX512F__)
+#ifdef VL
         const int by4 = group % 4 == 0 && D % 64 == 0; /* Phi-3.5-MoE: 4 query heads per kv head, D 128 */
 #else
         const int by4 = 0;
@@ -1187,7 +1205,7 @@ static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
             for (int i = 0; i < group * D; i++) acc[i] = bf2f(w->qkv[(long)h0 * D + i]);
         for (int t0 = 0; t0 < T; t0 += BLOCK) {
             const int n = T - t0 < BLOCK ? T - t0 : BLOCK;
-#if defined(__AVX512F__)
+#ifdef VL
             if (by4) {
                 for (int h = 0; h < group; h += 4)
                     scores4(K, D, acc + h * D, t0, t0 + n, w->scores + (long)(h0 + h) * T, T);
@@ -1210,7 +1228,7 @@ static void attention(const Dims *d, const Layer *L, const Work *w, int T) {
         if (by4) memset(acc, 0, sizeof(float) * group * D);
         for (int t0 = 0; t0 < T; t0 += BLOCK) { /* acc += p * V, CHUNK outputs at a time in registers */
             const int t1 = T - t0 < BLOCK ? T : t0 + BLOCK;
-#if defined(__AVX512F__)
+#ifdef VL
             if (by4) {
                 for (int h = 0; h < group; h += 4)
                     values4(V, D, w->scores + (long)(h0 + h) * T, T, t0, t1, acc + h * D);
