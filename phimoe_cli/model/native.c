@@ -399,6 +399,21 @@ static void dot_rows_i8(const int8_t *W, long K, const QX *x, long r0, long r1, 
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* one 4-bit block (32 bytes, 64 weights) times its int16 values (x's pair layout: q, q + 2, q + 4,
+ * q + 6), as int32 sums: the codes looked up as int8, their even and odd bytes widened by shifts */
+static inline __m256i q4_block_avx2(const uint8_t *p, const __m256i *q, __m256i tbl, __m256i low) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
+    const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+    return _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8), _mm256_loadu_si256(q)),
+                         _mm256_madd_epi16(_mm256_srai_epi16(lo, 8), _mm256_loadu_si256(q + 2))),
+        _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8), _mm256_loadu_si256(q + 4)),
+                         _mm256_madd_epi16(_mm256_srai_epi16(hi, 8), _mm256_loadu_si256(q + 6))));
+}
+#endif
+
 /* y[i] = sum over 64-blocks b of absmax_ib / 127 * d_b * sum of code . q, for 4-bit rows r0..r1
  * (K / 2 bytes and K / 64 absmax each; K a multiple of 64) */
 static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, long K, const QX *x, long r0, long r1, float *y) {
@@ -456,21 +471,22 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
         t = _mm512_reduce_add_ps(f);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-        __m256 g = _mm256_setzero_ps();
+        /* two blocks an iteration into two sums (more independent work for a core that two
+         * threads share), then the odd one */
+        __m256 g = _mm256_setzero_ps(), g1 = g;
+        for (; b + 2 <= nb; b += 2) {
+            PREFETCH_LINE(p + 32 * b);
+            const __m256i *q = (const __m256i *)(x->qp + (b / 2) * 128);
+            g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_block_avx2(p + 32 * b, q, tbl, low)), _mm256_set1_ps(a[b] * x->d[b]), g);
+            g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_block_avx2(p + 32 * b + 32, q + 1, tbl, low)),
+                                 _mm256_set1_ps(a[b + 1] * x->d[b + 1]), g1);
+        }
         for (; b < nb; b++) { /* one block: 32 bytes, 64 weights */
             if (b % 2 == 0) PREFETCH_LINE(p + 32 * b);
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
-            const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
-            const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
             const __m256i *q = (const __m256i *)(x->qp + (b / 2) * 128 + (b % 2) * 16);
-            const __m256i s = _mm256_add_epi32(
-                _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8), _mm256_loadu_si256(q)),
-                                 _mm256_madd_epi16(_mm256_srai_epi16(lo, 8), _mm256_loadu_si256(q + 2))),
-                _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8), _mm256_loadu_si256(q + 4)),
-                                 _mm256_madd_epi16(_mm256_srai_epi16(hi, 8), _mm256_loadu_si256(q + 6))));
-            g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[b] * x->d[b]), g);
+            g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_block_avx2(p + 32 * b, q, tbl, low)), _mm256_set1_ps(a[b] * x->d[b]), g);
         }
-        t += hsum256(g);
+        t += hsum256(_mm256_add_ps(g, g1));
 #endif
         for (; b < nb; b++) { /* plain C: unpack a block, then one exact integer sum */
             int8_t c[64];
