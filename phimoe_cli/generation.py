@@ -278,8 +278,9 @@ class Generator:
                 res.finish_reason = "length"
         except KeyboardInterrupt:
             res.finish_reason = "interrupted"
-        if t_first is not None:
-            res.decode_s = time.perf_counter() - t_first
+        finally:  # (also when the stream is closed: GeneratorExit at the yield)
+            if t_first is not None:
+                res.decode_s = time.perf_counter() - t_first
         if not hit:  # text held back for a stop string that never came, or a partial character
             tail, hit = stops.push(decoder.flush())
             tail += "" if hit else stops.flush()

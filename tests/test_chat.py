@@ -668,7 +668,16 @@ def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
     child = pexpect.spawn(PHIMOE[0], [*PHIMOE[1:], "chat", "-m", str(model_dir), "--ignore-eos", "-n", "900",
                                       "-t", "0"], env=env, dimensions=(rows, cols), preexec_fn=default_sigint)
 
-    def pump(seconds, until=None):
+    def screen_lines():
+        history = ["".join(line[j].data for j in range(cols)).rstrip() for line in screen.history.top]
+        return [line for line in [*history, *(d.rstrip() for d in screen.display)] if line]
+
+    def reply_lines():
+        lines = screen_lines()
+        asked = [i for i, x in enumerate(lines) if x.startswith(">>> Tell me")]
+        return len(lines) - asked[0] - 1 if asked else 0
+
+    def pump(seconds, until=None, enough=None):
         end = time.monotonic() + seconds
         seen = b""
         while time.monotonic() < end:
@@ -680,19 +689,22 @@ def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
                 break
             seen += data
             feed.feed(data)
-            if until and until in seen:
+            if (until and until in seen) or (enough and enough()):
                 return
 
     pump(60, until=b">>>")
     child.send("Tell me a long story\r")
-    pump(1.5)
+    pump(60, enough=lambda: reply_lines() >= 4)  # however loaded the machine: several lines, then Ctrl+C
     child.sendcontrol("c")
     pump(30, until=b"context ")
     pump(1)
-    history = ["".join(line[j].data for j in range(cols)).rstrip() for line in screen.history.top]
-    lines = [line for line in [*history, *(d.rstrip() for d in screen.display)] if line]
-    reply = lines[lines.index(next(x for x in lines if x.startswith(">>> Tell me"))) + 1 :]
-    body = reply[: next(i for i, x in enumerate(reply) if x.startswith("[interrupted"))]
+    lines = screen_lines()
+    asked = [i for i, x in enumerate(lines) if x.startswith(">>> Tell me")]
+    assert asked, lines
+    reply = lines[asked[0] + 1 :]
+    ended = [i for i, x in enumerate(reply) if x.startswith("[interrupted")]
+    assert ended, lines
+    body = reply[: ended[0]]
     assert len(body) >= 3, lines  # the reply filled several lines before Ctrl+C
     assert len(set(body)) == len(body), body  # no line twice
     child.sendcontrol("d")
@@ -743,3 +755,74 @@ def test_stats_after_the_prompt_crosses_the_longrope_boundary(model_dir, tmp_pat
     assert second["prefill"] == second["prompt"] and second["reused"] == 0
     assert "the prompt crossed the LongRoPE boundary: recomputed whole" in chat.text
     assert chat.quit() == 0
+
+
+@pytest.mark.parametrize("growth", [1, 2, 3])
+def test_ctrl_c_while_a_frame_is_drawn_leaves_each_line_once(model_dir, growth):
+    """Ctrl+C (a real SIGINT) that lands while the live area writes a frame: KeyboardInterrupt in the
+    flush, after the frame went out but before Rich cleared its buffer, so Rich wrote that frame again
+    without erasing the first copy, and the reply's lines came out twice. Now Ctrl+C while drawing
+    waits, and the reply stops before its next token. The screen is read by an emulator (pyte)."""
+    import pyte
+    from rich.console import Console
+
+    from phimoe_cli.chat.conversation import Settings
+    from phimoe_cli.chat.session import ChatSession
+    from phimoe_cli.chat_render import MarkdownStream
+    from phimoe_cli.engine import LocalEngine
+    from phimoe_cli.generation import SamplingParams
+    from phimoe_cli.runtime import load
+
+    cols = 120
+
+    def shown(screen):
+        history = ["".join(line[j].data for j in range(cols)).rstrip() for line in screen.history.top]
+        return [line for line in [*history, *(d.rstrip() for d in screen.display)] if line]
+
+    screen = pyte.HistoryScreen(cols, 40, history=5000)
+    emulator = pyte.Stream(screen)
+
+    class Terminal(io.StringIO):
+        height, grown, armed = 0, 0, False
+
+        def write(self, s):
+            if "\x1b[2K" in s:  # the live area redrawn: erase its lines, write the new frame
+                if s.count("\n") > Terminal.height > 0:  # one line taller than the frame on screen
+                    Terminal.grown += 1
+                    Terminal.armed = Terminal.grown == growth
+                Terminal.height = s.count("\n")
+            emulator.feed(s.replace("\n", "\r\n"))
+            return len(s)
+
+        def flush(self):  # the frame is out; Rich has yet to forget it
+            if Terminal.armed:
+                Terminal.armed = False
+                os.kill(os.getpid(), signal.SIGINT)
+
+    console = Console(file=Terminal(), force_terminal=True, width=cols, height=40, color_system=None)
+    engine = LocalEngine(load(str(model_dir), progress=False))
+    session = ChatSession(engine, Settings(SamplingParams(temperature=0), 900), system=None, stop=[],
+                          ignore_eos=True, plain=False, on_overflow="error", console=console)
+    session.saver.enabled = False
+    emulator.feed(">>> Tell me a long story\r\n")
+    turn = session.reply("Tell me a long story")
+    assert turn.finish_reason == "interrupted" and Terminal.grown >= growth
+    assert 0 < turn.completion_tokens < 900 and turn.decode_tokens_per_s > 0
+    lines = shown(screen)
+    assert lines[0] == ">>> Tell me a long story", lines
+    body = lines[1 : next(i for i, x in enumerate(lines) if x.startswith("[interrupted"))]
+    assert len(set(body)) == len(body), body
+    # the whole reply on screen, once: as the same reply printed without a live area shows it
+    reference = pyte.HistoryScreen(cols, 40, history=5000)
+    printer = pyte.Stream(reference)
+
+    class Plain(io.StringIO):
+        def write(self, s):
+            printer.feed(s.replace("\n", "\r\n"))
+            return len(s)
+
+    still = MarkdownStream(Console(file=Plain(), force_terminal=True, width=cols, height=40, color_system=None),
+                           live=False)
+    still.feed(session.conv.messages[-1]["content"])
+    still.finish()
+    assert body == shown(reference)

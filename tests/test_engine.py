@@ -73,6 +73,8 @@ def test_closing_a_stream_keeps_what_came(loaded):
     done = stream.completion
     assert done.finish_reason == "interrupted" and done.text == "".join(pieces)
     assert 3 <= done.completion_tokens < 40
+    # the time of the tokens that came is kept (it was lost when the stream was closed mid-reply)
+    assert done.decode_s > 0 and done.decode_tokens_per_s > 0
 
 
 def conversation(topic: str) -> list[dict]:

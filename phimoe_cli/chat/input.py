@@ -66,21 +66,24 @@ def no_echo(stream=None):
     stream = stream or sys.stdin
     try:
         import termios
-
+    except ImportError:
+        yield
+        return
+    try:
         fd = stream.fileno()
         old = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
+    except (termios.error, OSError, ValueError, AttributeError):  # not a terminal
         yield
         return
     new = list(old)
     new[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
     try:
         termios.tcsetattr(fd, termios.TCSANOW, new)
-    except OSError:
+    except (termios.error, OSError):
         yield
         return
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(termios.error, OSError):
             termios.tcsetattr(fd, termios.TCSANOW, old)

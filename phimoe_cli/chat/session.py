@@ -75,6 +75,8 @@ class ChatSession:
         self._warned_unsaved = False
         self._busy = False  # a reply is streaming or being recorded: a signal only sets the flag
         self.terminating: int | None = None  # SIGTERM / SIGHUP received
+        self._drawing = False  # a piece of the reply is being drawn: Ctrl+C waits for the next token
+        self._stop_asked = False  # Ctrl+C came while drawing
 
     # -- output helpers --------------------------------------------------------------------------
 
@@ -148,18 +150,27 @@ class ChatSession:
         stream = PlainStream(out or sys.stdout) if (self.plain or out is not None) else MarkdownStream(self.console)
         interrupted, failure = False, None
         shown: list[str] = []
-        self._busy = True
+        self._busy, self._stop_asked = True, False
+        # Ctrl+C while computing stops there (KeyboardInterrupt, caught by the generation); while a
+        # piece is drawn it waits for the next token (``Request.cancelled``): a live-area frame cut
+        # halfway would leave lines on the screen that the finished reply then prints again.
+        sigint = signal.signal(signal.SIGINT, self._on_interrupt) if _main_thread() else None
         try:
             with no_echo() if isinstance(stream, MarkdownStream) else contextlib.nullcontext():
                 for piece in pieces:
+                    self._drawing = True
                     shown.append(piece)
                     stream.feed(piece)
-        except KeyboardInterrupt:  # Ctrl+C while we were drawing, not generating
+                    self._drawing = False
+        except KeyboardInterrupt:  # Ctrl+C between the generation and the drawing
             interrupted = True
         except PhimoeError as exc:  # the stream was cut: keep what came, marked interrupted
             interrupted, failure = True, exc
-        # From here on the turn is recorded whatever happens: a second Ctrl+C (or SIGTERM) waits.
-        old_handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        finally:
+            # From here on the turn is recorded whatever happens: a second Ctrl+C (or SIGTERM) waits.
+            self._drawing = False
+            if sigint is not None:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             if interrupted:
                 pieces.close()
@@ -189,8 +200,8 @@ class ChatSession:
                 self.note(stats_line(self, turn))
         finally:
             self._busy = False
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
         if failure is not None:
             raise failure
         return turn
@@ -200,7 +211,7 @@ class ChatSession:
         are; when the server says they do not fit, the oldest turns are dropped (or ContextOverflow)."""
         s = self.settings
         request = Request(params=s.params, max_new_tokens=s.max_new_tokens, stop=self.stop,
-                          ignore_eos=self.ignore_eos, cancelled=lambda: self.terminating is not None)
+                          ignore_eos=self.ignore_eos, cancelled=self._cancelled)
         if prompt is not None:
             request.token_ids = prompt
             return self.engine.generate(request)
@@ -284,6 +295,15 @@ class ChatSession:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _cancelled(self) -> bool:
+        return self.terminating is not None or self._stop_asked
+
+    def _on_interrupt(self, signum, frame) -> None:
+        """Ctrl+C while a reply streams."""
+        if not self._drawing:
+            raise KeyboardInterrupt
+        self._stop_asked = True
 
     def _on_terminate(self, signum, frame) -> None:
         """SIGTERM / SIGHUP: the reply in flight stops before its next token (``Request.cancelled``)
