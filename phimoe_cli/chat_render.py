@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.syntax import Syntax
@@ -66,6 +66,7 @@ class MarkdownStream:
         self.printed_blocks = 0
         self.live: Live | None = None
         self._shown = 0.0
+        self._status: str | None = None  # a dim line under the block in progress, until the next piece
 
     # -- public --------------------------------------------------------------------------------
 
@@ -74,7 +75,14 @@ class MarkdownStream:
             return
         self.pending += piece
         self._commit_finished()
+        if self._status is not None:
+            self._status, self._shown = None, 0.0  # (drawn at once: the status goes)
         self._show()
+
+    def status(self, text: str) -> None:
+        """Show ``text`` under the reply so far until the next piece comes (a long pause)."""
+        self._status, self._shown = text, 0.0
+        self._show(force=True)
 
     def finish(self) -> None:
         """Print what is left and close the live area."""
@@ -189,10 +197,10 @@ class MarkdownStream:
         self.printed_blocks += 1
         self._continuing = not last
 
-    def _show(self) -> None:
+    def _show(self, force: bool = False) -> None:
         if not self.use_live:
             return
-        if not self.pending:
+        if not self.pending and not (force and self._status):
             if self.live is not None:
                 self.live.update(Text(""), refresh=True)
             return
@@ -208,6 +216,8 @@ class MarkdownStream:
             view = Syntax(self.pending, self.fence.lang, theme=CODE_THEME, word_wrap=True, padding=(0, 1))
         else:
             view = _Trimmed(Markdown(self.pending, code_theme=CODE_THEME))
+        if self._status is not None:
+            view = Group(view, Text(self._status, style="dim")) if self.pending else Text(self._status, style="dim")
         self.live.update(view, refresh=True)
 
 

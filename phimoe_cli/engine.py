@@ -40,6 +40,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
     cancelled: Callable[[], bool] | None = None  # asked before each token (another thread's stop)
+    on_recompute: Callable[[int], None] | None = None  # before the LongRoPE recompute (its tokens)
 
 
 @dataclass
@@ -211,7 +212,7 @@ class LocalEngine:
         long_before = cache.long_rope and cache.length > 0
         pieces = gen.stream(ids, request.params, request.max_new_tokens, stop=request.stop,
                             ignore_eos=request.ignore_eos, cache=cache, logprobs=request.logprobs,
-                            cancelled=request.cancelled)
+                            cancelled=request.cancelled, on_recompute=request.on_recompute)
 
         def finish(interrupted: bool) -> Completion:
             res = gen.result

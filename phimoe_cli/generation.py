@@ -211,6 +211,7 @@ class Generator:
         cache=None,
         logprobs: int | None = None,
         cancelled=None,
+        on_recompute=None,
     ) -> Iterator[str]:
         """Yield text pieces; ``self.result`` describes the generation (as it goes, and after).
 
@@ -220,14 +221,18 @@ class Generator:
         alternatives, 0 for none): record each generated token's log-probability in
         ``result.logprobs`` as it comes. ``cancelled`` (a callable, e.g. ``threading.Event.is_set``):
         asked before each token; True ends the generation as "interrupted" (another thread's stop).
+        ``on_recompute(n)``: called before a step that computes the whole sequence again (n tokens),
+        because it crosses LongRoPE's boundary: the one long pause of a generation.
         Bad input raises GenerationError here, before any work.
         """
         params = params or SamplingParams()
         self.check(prompt_ids, params, max_new_tokens)  # validates params too
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
-        return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled)
+        return self._run(prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled,
+                         on_recompute)
 
-    def _run(self, prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled) -> Iterator[str]:
+    def _run(self, prompt_ids, params, max_new_tokens, stop, ignore_eos, cache, logprobs, cancelled,
+             on_recompute) -> Iterator[str]:
         res = self.result
         budget = min(max_new_tokens, self.context_length - len(prompt_ids))
         if cache is None:
@@ -252,6 +257,8 @@ class Generator:
                 if cancelled is not None and cancelled():
                     res.finish_reason = "interrupted"
                     break
+                if on_recompute is not None and (again := self.model.recomputes(cache, x.shape[1])):
+                    on_recompute(again + x.shape[1])
                 with torch.inference_mode():
                     logits = self.model(x, cache=cache, logits_to_keep=1)[0, -1]
                 token = sampler(logits, history)

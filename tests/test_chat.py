@@ -757,72 +757,107 @@ def test_stats_after_the_prompt_crosses_the_longrope_boundary(model_dir, tmp_pat
     assert chat.quit() == 0
 
 
+class _Terminal(io.StringIO):
+    """What Rich writes, fed to a terminal emulator (pyte), 120 columns by 40 rows; ``lines``: what
+    it shows, the scrollback included."""
+
+    cols = 120
+
+    def __init__(self):
+        import pyte
+
+        super().__init__()
+        self.screen = pyte.HistoryScreen(self.cols, 40, history=5000)
+        self.emulator = pyte.Stream(self.screen)
+        self.written: list[str] = []
+
+    def write(self, s):
+        self.written.append(s)
+        self.emulator.feed(s.replace("\n", "\r\n"))
+        return len(s)
+
+    def console(self):
+        from rich.console import Console
+
+        return Console(file=self, force_terminal=True, width=self.cols, height=40, color_system=None)
+
+    @property
+    def lines(self) -> list[str]:
+        history = ["".join(line[j].data for j in range(self.cols)).rstrip() for line in self.screen.history.top]
+        return [line for line in [*history, *(d.rstrip() for d in self.screen.display)] if line]
+
+
+def _rendered(text: str) -> list[str]:
+    """``text`` as a reply printed without a live area shows it."""
+    from phimoe_cli.chat_render import MarkdownStream
+
+    terminal = _Terminal()
+    still = MarkdownStream(terminal.console(), live=False)
+    still.feed(text)
+    still.finish()
+    return terminal.lines
+
+
+def _terminal_session(model_dir, terminal, max_new_tokens):
+    from phimoe_cli.chat.conversation import Settings
+    from phimoe_cli.chat.session import ChatSession
+    from phimoe_cli.engine import LocalEngine
+    from phimoe_cli.generation import SamplingParams
+    from phimoe_cli.runtime import load
+
+    engine = LocalEngine(load(str(model_dir), progress=False))
+    session = ChatSession(engine, Settings(SamplingParams(temperature=0), max_new_tokens), system=None, stop=[],
+                          ignore_eos=True, plain=False, on_overflow="error", console=terminal.console())
+    session.saver.enabled = False
+    return session
+
+
 @pytest.mark.parametrize("growth", [1, 2, 3])
 def test_ctrl_c_while_a_frame_is_drawn_leaves_each_line_once(model_dir, growth):
     """Ctrl+C (a real SIGINT) that lands while the live area writes a frame: KeyboardInterrupt in the
     flush, after the frame went out but before Rich cleared its buffer, so Rich wrote that frame again
     without erasing the first copy, and the reply's lines came out twice. Now Ctrl+C while drawing
-    waits, and the reply stops before its next token. The screen is read by an emulator (pyte)."""
-    import pyte
-    from rich.console import Console
+    waits, and the reply stops before its next token."""
 
-    from phimoe_cli.chat.conversation import Settings
-    from phimoe_cli.chat.session import ChatSession
-    from phimoe_cli.chat_render import MarkdownStream
-    from phimoe_cli.engine import LocalEngine
-    from phimoe_cli.generation import SamplingParams
-    from phimoe_cli.runtime import load
-
-    cols = 120
-
-    def shown(screen):
-        history = ["".join(line[j].data for j in range(cols)).rstrip() for line in screen.history.top]
-        return [line for line in [*history, *(d.rstrip() for d in screen.display)] if line]
-
-    screen = pyte.HistoryScreen(cols, 40, history=5000)
-    emulator = pyte.Stream(screen)
-
-    class Terminal(io.StringIO):
+    class Terminal(_Terminal):
         height, grown, armed = 0, 0, False
 
         def write(self, s):
             if "\x1b[2K" in s:  # the live area redrawn: erase its lines, write the new frame
-                if s.count("\n") > Terminal.height > 0:  # one line taller than the frame on screen
-                    Terminal.grown += 1
-                    Terminal.armed = Terminal.grown == growth
-                Terminal.height = s.count("\n")
-            emulator.feed(s.replace("\n", "\r\n"))
-            return len(s)
+                if s.count("\n") > self.height > 0:  # one line taller than the frame on screen
+                    self.grown += 1
+                    self.armed = self.grown == growth
+                self.height = s.count("\n")
+            return super().write(s)
 
         def flush(self):  # the frame is out; Rich has yet to forget it
-            if Terminal.armed:
-                Terminal.armed = False
+            if self.armed:
+                self.armed = False
                 os.kill(os.getpid(), signal.SIGINT)
 
-    console = Console(file=Terminal(), force_terminal=True, width=cols, height=40, color_system=None)
-    engine = LocalEngine(load(str(model_dir), progress=False))
-    session = ChatSession(engine, Settings(SamplingParams(temperature=0), 900), system=None, stop=[],
-                          ignore_eos=True, plain=False, on_overflow="error", console=console)
-    session.saver.enabled = False
-    emulator.feed(">>> Tell me a long story\r\n")
+    terminal = Terminal()
+    session = _terminal_session(model_dir, terminal, 900)
+    terminal.write(">>> Tell me a long story\n")
     turn = session.reply("Tell me a long story")
-    assert turn.finish_reason == "interrupted" and Terminal.grown >= growth
+    assert turn.finish_reason == "interrupted" and terminal.grown >= growth
     assert 0 < turn.completion_tokens < 900 and turn.decode_tokens_per_s > 0
-    lines = shown(screen)
+    lines = terminal.lines
     assert lines[0] == ">>> Tell me a long story", lines
     body = lines[1 : next(i for i, x in enumerate(lines) if x.startswith("[interrupted"))]
     assert len(set(body)) == len(body), body
-    # the whole reply on screen, once: as the same reply printed without a live area shows it
-    reference = pyte.HistoryScreen(cols, 40, history=5000)
-    printer = pyte.Stream(reference)
+    assert body == _rendered(session.conv.messages[-1]["content"])  # the whole reply on screen, once
 
-    class Plain(io.StringIO):
-        def write(self, s):
-            printer.feed(s.replace("\n", "\r\n"))
-            return len(s)
 
-    still = MarkdownStream(Console(file=Plain(), force_terminal=True, width=cols, height=40, color_system=None),
-                           live=False)
-    still.feed(session.conv.messages[-1]["content"])
-    still.finish()
-    assert body == shown(reference)
+def test_the_longrope_pause_is_shown_while_it_lasts(model_dir):
+    """The reply that takes the context past LongRoPE's boundary (64 tokens here) pauses while every
+    cached token is computed again: a dim line under the reply says so, and goes with the next piece."""
+    terminal = _Terminal()
+    session = _terminal_session(model_dir, terminal, 120)
+    turn = session.reply("Tell me a long story")
+    assert turn.recomputed
+    shown_at = [i for i, s in enumerate(terminal.written) if "crossed LongRoPE's boundary" in s]
+    assert len(shown_at) == 1, shown_at
+    assert "computing its 65 tokens again" in terminal.written[shown_at[0]]
+    lines = terminal.lines
+    assert not any("LongRoPE" in line for line in lines), lines  # gone from the screen
+    assert lines[: len(lines) - 1] == _rendered(session.conv.messages[-1]["content"])  # then the stats line

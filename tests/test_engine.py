@@ -77,6 +77,31 @@ def test_closing_a_stream_keeps_what_came(loaded):
     assert done.decode_s > 0 and done.decode_tokens_per_s > 0
 
 
+def test_the_longrope_recompute_is_announced_before_it_runs(loaded):
+    """The one long pause of a generation: the step that takes the sequence past the boundary
+    computes every cached token again; the caller hears of it once, before, with the token count."""
+    boundary = loaded.model.config.original_max_position_embeddings
+    engine = LocalEngine(loaded)
+    heard = []
+
+    def on_recompute(n):
+        heard.append((n, engine.cache.length, engine.cache.long_rope))
+
+    prompt = engine.prompt_ids(Request(text="Once upon a time"))
+    _, done = run(engine, Request(token_ids=prompt, params=GREEDY, max_new_tokens=boundary, ignore_eos=True,
+                                  on_recompute=on_recompute))
+    # heard while the cache still held the first `boundary` tokens, rotated with the short factors
+    assert heard == [(boundary + 1, boundary, False)] and done.recomputed
+    # the same reply without being told: the same tokens (being told changes nothing)
+    _, again = run(LocalEngine(loaded), Request(token_ids=prompt, params=GREEDY, max_new_tokens=boundary,
+                                                ignore_eos=True))
+    assert again.token_ids == done.token_ids
+    heard.clear()  # a fresh prompt past the boundary is computed once, with the long factors: no pause
+    run(LocalEngine(loaded), Request(token_ids=[5] * (boundary + 8), params=GREEDY, max_new_tokens=4,
+                                     ignore_eos=True, on_recompute=on_recompute))
+    assert heard == []
+
+
 def conversation(topic: str) -> list[dict]:
     return [{"role": "system", "content": "You answer in one line."},
             {"role": "user", "content": f"Tell me of {topic}"}]

@@ -77,6 +77,7 @@ class ChatSession:
         self.terminating: int | None = None  # SIGTERM / SIGHUP received
         self._drawing = False  # a piece of the reply is being drawn: Ctrl+C waits for the next token
         self._stop_asked = False  # Ctrl+C came while drawing
+        self._stream = None  # the reply's display while it streams
 
     # -- output helpers --------------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class ChatSession:
         # piece is drawn it waits for the next token (``Request.cancelled``): a live-area frame cut
         # halfway would leave lines on the screen that the finished reply then prints again.
         sigint = signal.signal(signal.SIGINT, self._on_interrupt) if _main_thread() else None
+        self._stream = stream
         try:
             with no_echo() if isinstance(stream, MarkdownStream) else contextlib.nullcontext():
                 for piece in pieces:
@@ -168,7 +170,7 @@ class ChatSession:
             interrupted, failure = True, exc
         finally:
             # From here on the turn is recorded whatever happens: a second Ctrl+C (or SIGTERM) waits.
-            self._drawing = False
+            self._drawing, self._stream = False, None
             if sigint is not None:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -211,7 +213,7 @@ class ChatSession:
         are; when the server says they do not fit, the oldest turns are dropped (or ContextOverflow)."""
         s = self.settings
         request = Request(params=s.params, max_new_tokens=s.max_new_tokens, stop=self.stop,
-                          ignore_eos=self.ignore_eos, cancelled=self._cancelled)
+                          ignore_eos=self.ignore_eos, cancelled=self._cancelled, on_recompute=self._on_recompute)
         if prompt is not None:
             request.token_ids = prompt
             return self.engine.generate(request)
@@ -295,6 +297,14 @@ class ChatSession:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _on_recompute(self, tokens: int) -> None:
+        """The reply pauses while the whole context is computed again (LongRoPE): say so meanwhile."""
+        if isinstance(self._stream, MarkdownStream):
+            self._drawing = True
+            self._stream.status(f"(the context crossed LongRoPE's boundary: computing its {tokens} tokens "
+                                "again with the long factors, once)")
+            self._drawing = False
 
     def _cancelled(self) -> bool:
         return self.terminating is not None or self._stop_asked

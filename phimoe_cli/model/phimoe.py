@@ -137,6 +137,13 @@ class PhimoeForCausalLM(nn.Module):
             return step.head(self.lm_head, hidden)  # one row: the back-end's matrix-vector product
         return self.lm_head(hidden)
 
+    def recomputes(self, cache: KVCache, new_tokens: int) -> int:
+        """How many cached tokens the next call with ``new_tokens`` more (default positions) computes
+        again, because the sequence crosses LongRoPE's boundary (``PhimoeModel._admit``); 0: none."""
+        start = cache.length
+        long = self.model.rotary_emb.is_long(start + new_tokens)
+        return start if start and long != cache.long_rope else 0
+
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         p = self.model.embed_tokens.weight  # (the head may be stored quantized)
         return KVCache(self.config, batch_size, capacity, dtype=p.dtype, device=p.device)
