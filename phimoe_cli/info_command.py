@@ -63,7 +63,8 @@ def run_info(model: str, *, revision=None, offline=None, context=4096, json_out=
         table.add_column(f"fits {g['name']}", justify="center")
     mark = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "?"}
     for name, m in data["memory"].items():
-        label = name if name in ("float32", "bfloat16", "float16") else f"{name} experts"
+        fmt, _, rest = name.partition(" + ")  # "int8 + attention + head": int8 experts + attention + head
+        label = name if fmt in ("float32", "bfloat16", "float16") else f"{fmt} experts" + (f" + {rest}" if rest else "")
         table.add_row(label, _size(m["bytes"]), _size(m["with_kv_cache_bytes"]), mark[m["fits_ram"]],
                       *(mark[f] for f in m["fits_gpu"]))
     console.print(table)

@@ -272,3 +272,20 @@ def test_quantize_to_an_unwritable_place_is_one_line_before_any_work(model_dir, 
     for out in ("/proc/phimoe-nope/out", afile):
         r = run_phimoe("quantize", model_dir, out, "-q", "int8")
         assert r.returncode == 2 and r.stderr.decode().startswith(f"error: cannot write {out}: "), r.stderr
+
+
+def test_info_counts_the_bytes_loading_takes(model_dir):
+    """`phimoe info`'s weight bytes for each quantized choice, against the model as it loads (every
+    tensor's storage once; the rotary frequencies, a buffer of a few bytes, are not weights)."""
+    out = run_phimoe("info", model_dir, "--json")
+    assert out.returncode == 0, out.stderr
+    memory = json.loads(out.stdout)["memory"]
+    choices = {"int8": ("int8", False, False), "nf4": ("nf4", False, False), "fp4": ("fp4", False, False),
+               "int8 + attention + head": ("int8", True, True), "nf4 + attention + head": ("nf4", True, True)}
+    assert set(choices) <= set(memory)
+    for name, (quantize, attention, head) in choices.items():
+        model = load_model(model_dir, dtype="bfloat16", quantize=quantize, quantize_attention=attention,
+                           quantize_head=head, progress=False)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*model.parameters(), *model.buffers()]}
+        assert 0 <= sum(storages.values()) - memory[name]["bytes"] <= 256, name

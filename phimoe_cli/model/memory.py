@@ -9,7 +9,8 @@ import os
 from .config import PhimoeConfig
 
 BLOCKSIZE = 64  # weights per absmax of the 4-bit formats
-#: Stored bytes per weight, scales included (int8's one float32 per row is ~0.1% and left out).
+#: Stored bytes per weight, scales included (int8's one float32 per row is ~0.1%: left out here,
+#: counted by weight_bytes).
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / BLOCKSIZE, "fp4": 0.5 + 4 / BLOCKSIZE}
 BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, **QUANT_BYTES}
 
@@ -45,17 +46,44 @@ def kv_bytes_per_token(c: PhimoeConfig, dtype_bytes: int = 2) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
 
 
-def weight_bytes(c: PhimoeConfig, dtype_bytes: float, quantize: str = "none") -> int:
-    """Every weight: the experts in ``quantize``'s format (or the dtype), the rest in the dtype."""
+def weight_bytes(c: PhimoeConfig, dtype_bytes: float, quantize: str = "none", quantize_attention: bool = False,
+                 quantize_head: bool = False) -> int:
+    """Every weight: the experts in ``quantize``'s format (or the dtype), the attention's projections
+    too with ``quantize_attention``, the output head as row-wise int8 with ``quantize_head``; the
+    rest in the dtype. The scales count: int8 a float32 a row, 4-bit a float32 absmax per 64."""
     n = parameter_counts(c)
-    return int(n["dense"] * dtype_bytes + n["experts"] * QUANT_BYTES.get(quantize, dtype_bytes))
+    if quantize == "none":
+        return int(n["total"] * dtype_bytes)
+    h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    layers = c.num_hidden_layers
+
+    def stored(rows: int, cols: int, fmt: str) -> float:  # one [rows, cols] matrix, quantized
+        return rows * cols + 4 * rows if fmt == "int8" else rows * cols * QUANT_BYTES[fmt]
+
+    expert = 2 * stored(f, h, quantize) + stored(h, f, quantize)
+    total = n["dense"] * dtype_bytes + layers * c.num_local_experts * expert
+    if quantize_attention:
+        projections = [(q, h), (kv, h), (kv, h), (h, q)]
+        total += layers * sum(stored(r, k, quantize) - r * k * dtype_bytes for r, k in projections)
+    if quantize_head and not c.tie_word_embeddings:
+        total += stored(c.vocab_size, h, "int8") - c.vocab_size * h * dtype_bytes
+    return int(total)
+
+
+#: The quantized choices ``phimoe info`` lists: -q alone, and with --quantize-attention --quantize-head.
+QUANTIZED_CHOICES = {
+    **{name: (name, False, False) for name in QUANT_BYTES},
+    **{f"{name} + attention + head": (name, True, True) for name in ("int8", "nf4")},
+}
 
 
 def memory_estimates(c: PhimoeConfig, compute_dtype_bytes: int = 2) -> dict[str, int]:
     """Weight bytes for each choice: dtypes store everything so; quantizations store the experts
-    quantized and the rest (router, norms, embeddings, lm_head, attention) in the compute dtype."""
+    quantized (and the attention and head, in the choices that say so) and the rest (router, norms,
+    embeddings) in the compute dtype."""
     out = {name: weight_bytes(c, BYTES_PER_WEIGHT[name]) for name in ("float32", "bfloat16", "float16")}
-    out.update({name: weight_bytes(c, compute_dtype_bytes, name) for name in QUANT_BYTES})
+    out.update({name: weight_bytes(c, compute_dtype_bytes, *how) for name, how in QUANTIZED_CHOICES.items()})
     return out
 
 
