@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -185,16 +186,28 @@ def test_ctrl_c_keeps_the_output_and_exits_130(model_dir):
 
 
 def test_ctrl_c_with_json_says_interrupted(tmp_path):
+    import pty
+
     from conftest import make_model_dir
 
     long = make_model_dir(tmp_path / "long", max_position_embeddings=1 << 17, sliding_window=1 << 17)
+    # stderr on a terminal, for the loading progress: its end says generation has begun, however
+    # slowly a loaded machine got there (a fixed wait sent Ctrl+C during loading: no JSON then)
+    master, terminal = pty.openpty()
     proc = subprocess.Popen([*PHIMOE, "generate", "-m", long, "-n", "100000", "--ignore-eos", "--json", "Go"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal,
                             preexec_fn=default_sigint)
-    time.sleep(10)  # loaded (2-5 s) and generating: 100000 tokens take minutes
+    os.close(terminal)
+    err, deadline = b"", time.monotonic() + 120
+    while b"\x1b[?25h" not in err.partition(b"Loading weights")[2]:  # the progress gone: the cursor shown
+        assert time.monotonic() < deadline and proc.poll() is None, err.decode(errors="replace")
+        if select.select([master], [], [], 0.5)[0]:
+            err += os.read(master, 65536)
+    time.sleep(2)  # generating: 100000 tokens take minutes
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
+    out, _ = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 130, err.decode(errors="replace")
     data = json.loads(out)
     assert data["finish_reason"] == "interrupted" and data["token_ids"]
 
