@@ -259,6 +259,8 @@ typedef struct {  /* one activation vector of K values, quantized; views of scra
                    * pair of blocks A, B (128 values), the values 4t + 1 of A (16), of B (16), then
                    * 4t + 3, 4t, 4t + 2 likewise */
     float *d;     /* [blocks]: the block scales */
+    float *dc;    /* [blocks] (with qp): 128 d (sum of the block's q), what the AVX2 4-bit loop's
+                   * codes, offset by 128 to be read as unsigned bytes, add to a block's sum */
     int8_t *qb;   /* [3 K] (K % 64 == 0 only; AVX512-VNNI builds): per pair of whole blocks (128
                    * values, 384 bytes), q split into signed bytes, q = 256 hi + lo, for vpdpbusd:
                    * hi of the values 2t + 1 of A then of B (t < 32; 64 bytes), hi of the values
@@ -273,7 +275,7 @@ typedef struct {  /* one activation vector of K values, quantized; views of scra
 
 static long round64(long n) { return (n + 63) / 64 * 64; }
 
-static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 4 * round64((K + QB - 1) / QB) + 3 * round64(K) + 128; }
+static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 8 * round64((K + QB - 1) / QB) + 3 * round64(K) + 192; }
 
 static char *qx_carve(QX *o, long K, char *p) {
     p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
@@ -281,6 +283,7 @@ static char *qx_carve(QX *o, long K, char *p) {
     o->q = (int16_t *)p, p += 2 * round64(K);
     o->qp = (int16_t *)p, p += 2 * round64(K + 128);
     o->d = (float *)p, p += 4 * round64((K + QB - 1) / QB);
+    o->dc = (float *)p, p += 4 * round64((K + QB - 1) / QB);
     o->qb = (int8_t *)p, p += 3 * round64(K);
     return p;
 }
@@ -315,6 +318,9 @@ static void quantize_x(const bf16 *x, QX *o) {
 #endif
         o->d[i0 / QB] = d;
         if (o->qp && i1 - i0 == QB && K % 64 == 0) {
+            int32_t sum = 0;
+            for (long i = i0; i < i1; i++) sum += o->q[i];
+            o->dc[i0 / QB] = 128.f * d * (float)sum;
             int16_t *pair = o->qp + (i0 / 128) * 128 + ((i0 / 64) % 2) * 16; /* this block's half of its pair */
             for (int t = 0; t < 16; t++) {
                 pair[t] = o->q[i0 + 4 * t + 1];
@@ -401,16 +407,18 @@ static void dot_rows_i8(const int8_t *W, long K, const QX *x, long r0, long r1, 
 
 #if defined(__AVX2__) && defined(__FMA__)
 /* one 4-bit block (32 bytes, 64 weights) times its int16 values (x's pair layout: q, q + 2, q + 4,
- * q + 6), as int32 sums: the codes looked up as int8, their even and odd bytes widened by shifts */
+ * q + 6), as int32 sums of (code value + 128) q: tbl holds the values + 128 (1..255), so the even
+ * and odd bytes widen to int16 by a mask and a shift (not two shifts and one); the caller takes
+ * back 128 * (sum of the block's q), x->dc */
 static inline __m256i q4_block_avx2(const uint8_t *p, const __m256i *q, __m256i tbl, __m256i low) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), byte = _mm256_set1_epi16(0xFF);
     const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v, low));
     const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
     return _mm256_add_epi32(
-        _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8), _mm256_loadu_si256(q)),
-                         _mm256_madd_epi16(_mm256_srai_epi16(lo, 8), _mm256_loadu_si256(q + 2))),
-        _mm256_add_epi32(_mm256_madd_epi16(_mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8), _mm256_loadu_si256(q + 4)),
-                         _mm256_madd_epi16(_mm256_srai_epi16(hi, 8), _mm256_loadu_si256(q + 6))));
+        _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(lo, byte), _mm256_loadu_si256(q)),
+                         _mm256_madd_epi16(_mm256_srli_epi16(lo, 8), _mm256_loadu_si256(q + 2))),
+        _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(hi, byte), _mm256_loadu_si256(q + 4)),
+                         _mm256_madd_epi16(_mm256_srli_epi16(hi, 8), _mm256_loadu_si256(q + 6))));
 }
 #endif
 
@@ -419,7 +427,9 @@ static inline __m256i q4_block_avx2(const uint8_t *p, const __m256i *q, __m256i 
 static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, long K, const QX *x, long r0, long r1, float *y) {
     const long nb = K / 64;
 #if defined(__AVX2__) && defined(__FMA__)
-    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)), low = _mm256_set1_epi8(15);
+    const __m256i tbl = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)),
+                                         _mm256_set1_epi8(-128)); /* the values + 128, as unsigned bytes */
+    const __m256i low = _mm256_set1_epi8(15);
 #endif
     for (long i = r0; i < r1; i++) {
         const uint8_t *p = P + i * (K / 2);
@@ -473,7 +483,13 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
 #if defined(__AVX2__) && defined(__FMA__)
         /* two blocks an iteration into two sums (more independent work for a core that two
          * threads share), then the odd one */
-        __m256 g = _mm256_setzero_ps(), g1 = g;
+        __m256 g = _mm256_setzero_ps(), g1 = g, back = g; /* back: sum of absmax_b dc_b */
+        const long b0 = b;
+        for (; b0 + 8 <= nb && b + 8 <= nb; b += 8)
+            back = _mm256_fmadd_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(x->dc + b), back);
+        float back1 = 0.f;
+        for (; b < nb; b++) back1 += a[b] * x->dc[b];
+        b = b0;
         for (; b + 2 <= nb; b += 2) {
             PREFETCH_LINE(p + 32 * b);
             const __m256i *q = (const __m256i *)(x->qp + (b / 2) * 128);
@@ -486,7 +502,7 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
             const __m256i *q = (const __m256i *)(x->qp + (b / 2) * 128 + (b % 2) * 16);
             g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_block_avx2(p + 32 * b, q, tbl, low)), _mm256_set1_ps(a[b] * x->d[b]), g);
         }
-        t += hsum256(_mm256_add_ps(g, g1));
+        t += hsum256(_mm256_sub_ps(_mm256_add_ps(g, g1), back)) - back1;
 #endif
         for (; b < nb; b++) { /* plain C: unpack a block, then one exact integer sum */
             int8_t c[64];
@@ -733,7 +749,7 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         int16_t *w = (int16_t *)(p + omp_get_thread_num() * (2 * round64(K) + 64));
 #pragma omp for schedule(static)
         for (long t = 0; t < M4; t++) {
-            QX qx = {.q = Q + t * ldq, .qp = NULL, .d = D + t * ldd, .qb = NULL, .K = K};
+            QX qx = {.q = Q + t * ldq, .qp = NULL, .d = D + t * ldd, .dc = NULL, .qb = NULL, .K = K};
             if (t < M) {
                 quantize_x(X + t * K, &qx);
             } else {
