@@ -46,6 +46,12 @@ def kv_bytes_per_token(c: PhimoeConfig, dtype_bytes: int = 2) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
 
 
+def quantized_matrix_bytes(rows: int, cols: int, fmt: str) -> float:
+    """One [rows, cols] matrix stored in ``fmt``: int8 a byte a weight and a float32 scale a row,
+    4-bit half a byte a weight and a float32 absmax per 64."""
+    return rows * cols + 4 * rows if fmt == "int8" else rows * cols * QUANT_BYTES[fmt]
+
+
 def weight_bytes(c: PhimoeConfig, dtype_bytes: float, quantize: str = "none", quantize_attention: bool = False,
                  quantize_head: bool = False) -> int:
     """Every weight: the experts in ``quantize``'s format (or the dtype), the attention's projections
@@ -57,10 +63,7 @@ def weight_bytes(c: PhimoeConfig, dtype_bytes: float, quantize: str = "none", qu
     h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     layers = c.num_hidden_layers
-
-    def stored(rows: int, cols: int, fmt: str) -> float:  # one [rows, cols] matrix, quantized
-        return rows * cols + 4 * rows if fmt == "int8" else rows * cols * QUANT_BYTES[fmt]
-
+    stored = quantized_matrix_bytes
     expert = 2 * stored(f, h, quantize) + stored(h, f, quantize)
     total = n["dense"] * dtype_bytes + layers * c.num_local_experts * expert
     if quantize_attention:
@@ -110,7 +113,7 @@ def active_bytes(c: PhimoeConfig, dtype_bytes: int, context: float, quantize: st
     quantized = experts + (projections if quantize_attention else 0)
     return int((c.num_hidden_layers * per_layer + head) * dtype_bytes
                + c.num_hidden_layers * quantized * QUANT_BYTES.get(quantize, dtype_bytes)
-               + (c.vocab_size * (h * QUANT_BYTES["int8"] + 4) if quantize_head else 0))
+               + (quantized_matrix_bytes(c.vocab_size, h, "int8") if quantize_head else 0))
 
 
 def available_ram() -> int | None:

@@ -275,7 +275,7 @@ typedef struct {  /* one activation vector of K values, quantized; views of scra
 
 static long round64(long n) { return (n + 63) / 64 * 64; }
 
-static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 8 * round64((K + QB - 1) / QB) + 3 * round64(K) + 192; }
+static long qx_bytes(long K) { return 2 * round64(K) + 2 * round64(K + 128) + 8 * round64((K + QB - 1) / QB) + 3 * round64(K) + 128; }
 
 static char *qx_carve(QX *o, long K, char *p) {
     p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
@@ -485,7 +485,7 @@ static void dot_rows_q4(const uint8_t *P, const float *A, const int8_t *lut, lon
          * threads share), then the odd one */
         __m256 g = _mm256_setzero_ps(), g1 = g, back = g; /* back: sum of absmax_b dc_b */
         const long b0 = b;
-        for (; b0 + 8 <= nb && b + 8 <= nb; b += 8)
+        for (; b + 8 <= nb; b += 8)
             back = _mm256_fmadd_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(x->dc + b), back);
         float back1 = 0.f;
         for (; b < nb; b++) back1 += a[b] * x->dc[b];
