@@ -645,12 +645,16 @@ void phimoe_dequantize_bf16(const Mat *m, long e, long n, long K, long r0, long 
 
 /* --------------------------------------------------------------- the prompt's pass: many rows
  * Y [M, n] = bf16(X [M, K] W^T + b) for quantized W: X's rows quantized to int16 per 64 as the
- * decode step quantizes one, each weight row widened to int16 once (into a buffer that stays in
- * L1) and multiplied against four rows of X at a time, in integers per 64-block; so a weight is
- * unpacked once per pass, not once per token, and never widened to float. */
+ * decode step quantizes one, each weight row widened to int16 once and multiplied against four
+ * rows of X at a time, in integers per 64-block; so a weight is unpacked once per pass, not once
+ * per token, and never widened to float. The widened rows go PANEL at a time (64 KiB at K 1024),
+ * each four rows of X meeting the whole panel while they stay in L1: one row at a time against
+ * all of X, X came from L2 for every row (1.2-1.9x slower, benchmarks/README.md). */
+enum { PANEL = 32 };
+
 long phimoe_qmatmul_scratch(long M, long K, int threads) {
     const long nb = (K + QB - 1) / QB, M4 = (M + 3) / 4 * 4;
-    return M4 * (2 * round64(K) + 4 * round64(nb)) + threads * (2 * round64(K) + 64) + 256;
+    return M4 * (2 * round64(K) + 4 * round64(nb)) + threads * (PANEL * 2 * round64(K) + 64) + 256;
 }
 
 /* weight row i of matrix e as int16 values in order (4-bit: the codes, lut[code]) */
@@ -746,7 +750,7 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
     p += 4 * M4 * ldd;
 #pragma omp parallel num_threads(threads)
     {
-        int16_t *w = (int16_t *)(p + omp_get_thread_num() * (2 * round64(K) + 64));
+        int16_t *w = (int16_t *)(p + omp_get_thread_num() * (PANEL * 2 * round64(K) + 64));
 #pragma omp for schedule(static)
         for (long t = 0; t < M4; t++) {
             QX qx = {.q = Q + t * ldq, .qp = NULL, .d = D + t * ldd, .dc = NULL, .qb = NULL, .K = K};
@@ -760,16 +764,19 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         long r0, r1;
         share(n, &r0, &r1);
         float out[4];
-        for (long i = r0; i < r1; i++) {
-            widen_row(m, e, n, K, i, w);
-            /* int8: the row's scale, rounded to bfloat16 as in the decode step; 4-bit: the absmax
-             * of each block, and the codes' 1 / 127 */
-            const float *ci = m->kind == W_Q4 ? m->s + (e * n + i) * (K / 64) : NULL;
-            const float s = m->kind == W_I8 ? rb(m->s[e * n + i]) : 1.f / 127.f, bias = b ? bf2f(b[i]) : 0.f;
-            for (long t = 0; t < M; t += 4) {
-                dot4(w, K, Q + t * ldq, ldq, D + t * ldd, ldd, ci, out);
-                for (int j = 0; j < 4 && t + j < M; j++) Y[(t + j) * n + i] = f2bf(out[j] * s + bias);
-            }
+        for (long i0 = r0; i0 < r1; i0 += PANEL) {
+            const long rows = r1 - i0 < PANEL ? r1 - i0 : PANEL;
+            for (long r = 0; r < rows; r++) widen_row(m, e, n, K, i0 + r, w + r * ldq);
+            for (long t = 0; t < M; t += 4)
+                for (long r = 0; r < rows; r++) {
+                    const long i = i0 + r;
+                    /* int8: the row's scale, rounded to bfloat16 as in the decode step; 4-bit: the
+                     * absmax of each block, and the codes' 1 / 127 */
+                    const float *ci = m->kind == W_Q4 ? m->s + (e * n + i) * (K / 64) : NULL;
+                    const float s = m->kind == W_I8 ? rb(m->s[e * n + i]) : 1.f / 127.f, bias = b ? bf2f(b[i]) : 0.f;
+                    dot4(w + r * ldq, K, Q + t * ldq, ldq, D + t * ldd, ldd, ci, out);
+                    for (int j = 0; j < 4 && t + j < M; j++) Y[(t + j) * n + i] = f2bf(out[j] * s + bias);
+                }
         }
     }
 }
