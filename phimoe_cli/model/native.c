@@ -652,9 +652,11 @@ void phimoe_dequantize_bf16(const Mat *m, long e, long n, long K, long r0, long 
  * all of X, X came from L2 for every row (1.2-1.9x slower, benchmarks/README.md). */
 enum { PANEL = 32 };
 
+static long panel_bytes(long K) { return PANEL * 2 * round64(K) + 64; } /* a thread's widened rows */
+
 long phimoe_qmatmul_scratch(long M, long K, int threads) {
     const long nb = (K + QB - 1) / QB, M4 = (M + 3) / 4 * 4;
-    return M4 * (2 * round64(K) + 4 * round64(nb)) + threads * (PANEL * 2 * round64(K) + 64) + 256;
+    return M4 * (2 * round64(K) + 4 * round64(nb)) + threads * panel_bytes(K) + 256;
 }
 
 /* weight row i of matrix e as int16 values in order (4-bit: the codes, lut[code]) */
@@ -750,7 +752,7 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
     p += 4 * M4 * ldd;
 #pragma omp parallel num_threads(threads)
     {
-        int16_t *w = (int16_t *)(p + omp_get_thread_num() * (PANEL * 2 * round64(K) + 64));
+        int16_t *w = (int16_t *)(p + omp_get_thread_num() * panel_bytes(K));
 #pragma omp for schedule(static)
         for (long t = 0; t < M4; t++) {
             QX qx = {.q = Q + t * ldq, .qp = NULL, .d = D + t * ldd, .dc = NULL, .qb = NULL, .K = K};
@@ -763,19 +765,23 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         }
         long r0, r1;
         share(n, &r0, &r1);
-        float out[4];
+        float out[4], scale[PANEL], bias[PANEL];
         for (long i0 = r0; i0 < r1; i0 += PANEL) {
             const long rows = r1 - i0 < PANEL ? r1 - i0 : PANEL;
-            for (long r = 0; r < rows; r++) widen_row(m, e, n, K, i0 + r, w + r * ldq);
+            for (long r = 0; r < rows; r++) {
+                const long i = i0 + r;
+                widen_row(m, e, n, K, i, w + r * ldq);
+                /* int8: the row's scale, rounded to bfloat16 as in the decode step; 4-bit: the codes'
+                 * 1 / 127 (the absmax of each block goes to dot4) */
+                scale[r] = m->kind == W_I8 ? rb(m->s[e * n + i]) : 1.f / 127.f;
+                bias[r] = b ? bf2f(b[i]) : 0.f;
+            }
             for (long t = 0; t < M; t += 4)
                 for (long r = 0; r < rows; r++) {
                     const long i = i0 + r;
-                    /* int8: the row's scale, rounded to bfloat16 as in the decode step; 4-bit: the
-                     * absmax of each block, and the codes' 1 / 127 */
                     const float *ci = m->kind == W_Q4 ? m->s + (e * n + i) * (K / 64) : NULL;
-                    const float s = m->kind == W_I8 ? rb(m->s[e * n + i]) : 1.f / 127.f, bias = b ? bf2f(b[i]) : 0.f;
                     dot4(w + r * ldq, K, Q + t * ldq, ldq, D + t * ldd, ldd, ci, out);
-                    for (int j = 0; j < 4 && t + j < M; j++) Y[(t + j) * n + i] = f2bf(out[j] * s + bias);
+                    for (int j = 0; j < 4 && t + j < M; j++) Y[(t + j) * n + i] = f2bf(out[j] * scale[r] + bias[r]);
                 }
         }
     }
