@@ -8,9 +8,11 @@ printed in pieces, so nothing is ever cut off or drawn twice, however long the r
 
 from __future__ import annotations
 
+import io
 import re
 import time
 
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
@@ -21,6 +23,21 @@ _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(\s|$)")
 _ITEM = re.compile(r"^ {0,3}([-*+]|\d{1,9}[.)])(\s|$)")
 CODE_THEME = "monokai"
+
+
+def whole_writes(stream):
+    """``stream``, or, where it writes straight to its file descriptor (``python -u``,
+    PYTHONUNBUFFERED=1), the same descriptor through a buffer. An unbuffered text stream drops the
+    rest of a write that a signal cut short (the terminal slow to read, then Ctrl+C); the live
+    area, erased by counting lines, then erased lines above itself, and lines came twice."""
+    if not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
+        return stream
+    try:
+        raw = io.FileIO(stream.fileno(), "w", closefd=False)  # its own: closing it leaves ``stream`` open
+    except (OSError, ValueError, AttributeError):
+        return stream
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors,
+                            line_buffering=True)
 
 
 class PlainStream:
@@ -142,13 +159,19 @@ class MarkdownStream:
         return None, fence
 
     def _split_tall(self) -> None:
-        """Keep the live area shorter than the screen: print the first lines of a tall block."""
+        """Keep the live area shorter than the screen: print the first lines of a tall block, or
+        the first rows of one long line (a paragraph without line breaks)."""
         limit = max(4, self.console.height - 6)
+        width = self.console.width
         lines = self.pending.split("\n")
         complete = lines[:-1]
-        if _height(complete, self.console.width) <= limit:
+        if _height(lines, width) <= limit:
             return
         keep = max(1, limit // 2)
+        if _height(complete, width) <= limit:
+            if self.fence is None and _height(lines[-1:], width) > limit:
+                self._split_line(lines, keep, width)
+            return
         if self.fence is not None:
             if not self.fence.split:  # the opening line holds the language: drop it
                 opening = next(i for i, line in enumerate(complete) if _FENCE.match(line))
@@ -172,6 +195,20 @@ class MarkdownStream:
             return
         self._print_block("\n".join(complete[:cut]), separate=True, continued=True)
         self.pending = "\n".join([*complete[cut:], lines[-1]])
+
+    def _split_line(self, lines: list[str], keep: int, width: int) -> None:
+        """The line in progress is taller than the live area may be: print the lines before it and
+        the line up to a space about ``keep`` rows before its end; the rest stays live."""
+        line = lines[-1]
+        room, cut = keep * max(20, width - 2), len(line)
+        while cut > 0 and room > 0:  # back from the end by ``keep`` rows of cells
+            cut -= 1
+            room -= cell_len(line[cut])
+        space = line.rfind(" ", 0, cut)
+        if space <= 0:  # no space to cut at: one word taller than the screen stays whole
+            return
+        self._print_block("\n".join([*lines[:-1], line[:space]]), separate=True, continued=True)
+        self.pending = line[space:].lstrip(" ")
 
     # -- output --------------------------------------------------------------------------------
 
@@ -250,5 +287,7 @@ def _strip_fence_close(block: str) -> str:
 
 
 def _height(lines: list[str], width: int) -> int:
+    """Rows the lines take at ``width`` (about: the renderer wraps at words), in cells (a CJK
+    character takes two)."""
     width = max(20, width - 2)
-    return sum(max(1, -(-len(line) // width)) for line in lines)
+    return sum(max(1, -(-cell_len(line) // width)) for line in lines)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import time
 from pathlib import Path
 
@@ -653,10 +654,19 @@ def test_a_context_beyond_the_model_is_refused_before_loading(model_dir, tmp_pat
     assert out.returncode == 2 and out.stderr.decode() == "error: --context 5000 is more than the model's 1024 tokens\n"
 
 
-def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
+@pytest.mark.parametrize("terminal", ["reading", "slow"])
+def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path, terminal):
     """What the terminal shows (a real terminal emulator, pyte) after Ctrl+C in a reply taller than
     one line: the tty used to echo "^C" at the end of a full line, which wrapped it, and the live
-    area, erased by counting lines, left its first line on screen twice."""
+    area, erased by counting lines, left its first line on screen twice. "slow": the terminal stops
+    reading until the chat's writes block (a slow terminal, ssh, a loaded machine), then Ctrl+C.
+    The tty used to flush what was written and not yet read, and Python's unbuffered stdout
+    (PYTHONUNBUFFERED=1, common in containers) dropped the rest of the write that the signal cut
+    short: either way the erasing went on counting lines that never reached the screen, which took
+    the lines above the reply, or left lines twice."""
+    import fcntl
+    import termios
+
     import pexpect
     import pyte
 
@@ -664,7 +674,7 @@ def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
     screen = pyte.HistoryScreen(cols, rows, history=5000)
     feed = pyte.ByteStream(screen)
     env = dict(os.environ, PHIMOE_HOME=str(tmp_path), TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1",
-               PHIMOE_NO_HISTORY="1")
+               PHIMOE_NO_HISTORY="1", PYTHONUNBUFFERED="1")
     child = pexpect.spawn(PHIMOE[0], [*PHIMOE[1:], "chat", "-m", str(model_dir), "--ignore-eos", "-n", "900",
                                       "-t", "0"], env=env, dimensions=(rows, cols), preexec_fn=default_sigint)
 
@@ -695,6 +705,12 @@ def test_ctrl_c_leaves_each_line_of_the_reply_once(model_dir, tmp_path):
     pump(60, until=b">>>")
     child.send("Tell me a long story\r")
     pump(60, enough=lambda: reply_lines() >= 4)  # however loaded the machine: several lines, then Ctrl+C
+    if terminal == "slow":  # unread output piles up in the pty until the chat's write blocks
+        waiting, end = [], time.monotonic() + 30
+        while time.monotonic() < end and not (len(waiting) >= 4 and len(set(waiting[-4:])) == 1):
+            time.sleep(0.1)
+            waiting.append(struct.unpack("i", fcntl.ioctl(child.child_fd, termios.FIONREAD, b"\0" * 4))[0])
+        assert waiting[-1] > 0, waiting
     child.sendcontrol("c")
     pump(30, until=b"context ")
     pump(1)
@@ -785,6 +801,33 @@ class _Terminal(io.StringIO):
     def lines(self) -> list[str]:
         history = ["".join(line[j].data for j in range(self.cols)).rstrip() for line in self.screen.history.top]
         return [line for line in [*history, *(d.rstrip() for d in self.screen.display)] if line]
+
+
+def test_a_reply_without_line_breaks_taller_than_the_screen_is_printed_in_pieces():
+    """One paragraph without a newline (as random tokens are), some of it two cells a character:
+    the live area measured only finished lines, so it grew past the screen (Rich crops it there,
+    and what scrolled off cannot be erased). Now it stays shorter than the screen, and every word
+    is on the screen once, in order."""
+    import random
+
+    from phimoe_cli.chat_render import MarkdownStream
+
+    terminal = _Terminal()
+    terminal.write(">>> Tell me a long story\n")
+    stream = MarkdownStream(terminal.console(), refresh_s=0)
+    rnd = random.Random(0)
+    words = ["".join(rnd.choice("abcdefghij" if i % 4 else "深表千文字") for _ in range(rnd.randint(1, 9)))
+             for i in range(1500)]  # about 90 rows of 120 cells
+    text = " ".join(words)
+    for i in range(0, len(text), 7):
+        stream.feed(text[i : i + 7])
+    stream.finish()
+    erased = [len(re.match(r"\r\x1b\[2K((\x1b\[1A\x1b\[2K)*)", w).group(1)) // 8 + 1
+              for w in terminal.written if w.startswith("\r\x1b[2K")]
+    assert erased and max(erased) < 40, max(erased)  # each frame erased was shorter than the screen
+    lines = terminal.lines
+    assert lines[0] == ">>> Tell me a long story"
+    assert " ".join(lines[1:]).split() == words
 
 
 def _rendered(text: str) -> list[str]:

@@ -60,9 +60,12 @@ def make_prompt_session(history_path: Path | None):
 
 @contextlib.contextmanager
 def no_echo(stream=None):
-    """While a reply streams: the terminal does not echo what is typed (nor ^C). An echoed "^C" at
-    the end of a full line wraps it, and the live reply area, erased by counting lines, would then
-    leave its first line behind. Typed keys stay buffered for the next prompt."""
+    """While a reply streams: the terminal does not echo what is typed (nor ^C), and Ctrl+C does not
+    flush its queues (NOFLSH). An echoed "^C" at the end of a full line wraps it, and the live
+    reply area, erased by counting lines, would then leave its first line behind; a flush throws
+    away what was written but not yet shown (a slow terminal, or ssh), often the escape codes that
+    erase the live area, so lines came twice or the "[interrupted]" note was lost. Typed keys stay
+    buffered for the next prompt."""
     stream = stream or sys.stdin
     try:
         import termios
@@ -77,6 +80,7 @@ def no_echo(stream=None):
         return
     new = list(old)
     new[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    new[3] |= termios.NOFLSH
     try:
         termios.tcsetattr(fd, termios.TCSANOW, new)
     except (termios.error, OSError):

@@ -14,6 +14,7 @@ from rich.text import Text
 from phimoe_cli.chat.conversation import OVERFLOW_POLICIES, ContextOverflow, latest_autosave, resolve_settings
 from phimoe_cli.chat.input import make_prompt_session
 from phimoe_cli.chat.session import ChatSession
+from phimoe_cli.chat_render import whole_writes
 from phimoe_cli.errors import UsageError
 from phimoe_cli.options import DEFAULT_MODEL, LoadOptions, Remote
 from phimoe_cli.params import GenerationError
@@ -57,7 +58,7 @@ def run_chat(*, load: LoadOptions, system: str | None, sampling: dict, max_new_t
             sys.stderr.write(f"warning: no history ({history_path}: {exc.strerror or exc})\n")
             history_path = None
 
-    console = Console(highlight=False, stderr=not interactive)
+    console = Console(file=whole_writes(sys.stdout if interactive else sys.stderr), highlight=False)
     engine = open_engine(load, remote, context=context,
                          on_retry=lambda line: console.print(Text(line, style="yellow"), soft_wrap=True))
     session = ChatSession(
