@@ -116,7 +116,11 @@ class QuantizedMatrices(nn.Module):
             y = native.amx_matmul(lib, x, self, i)
             if y is not None:
                 return y
-        if self.quant_type == "int8" and _int8_kernel_applies(x):
+        # torch's int8 kernel; for bfloat16 rows that the C kernels take, only 1-2 of them (a tie): at
+        # 4 / 8 rows of a 6400x4096 expert the integer kernel below took 1.3 / 2.0 ms against 1.6 / 3.2
+        # (AVX2), 1.1 / 1.5 against 1.0 / 1.7 (AVX-512; benchmarks/quant_matmul.py, Zen 5, 2 threads)
+        if (self.quant_type == "int8" and _int8_kernel_applies(x)
+                and (lib is None or x.dtype != torch.bfloat16 or rows <= 2)):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
         if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 16):
