@@ -73,12 +73,16 @@ def test_quantized_model_computes_with_the_dequantized_weights(model_dir, quant)
 
 
 @pytest.mark.isa  # run again under another ISA's kernels (test_isa.py)
-def test_int8_bf16_decode_kernel_matches_dequantized_matmul(model_dir):
-    """The CPU weight-only int8 kernel (decode) against the dequantized bf16 matmul (prefill)."""
-    q = load_model(model_dir, dtype="bfloat16", quantize="int8")
+@pytest.mark.parametrize("quant, rows", [("int8", 1), ("int8", 2), ("nf4", 1), ("nf4", 2), ("int8", 5), ("nf4", 7)])
+def test_few_bf16_rows_match_the_dequantized_matmul(model_dir, quant, rows):
+    """A few rows (an eager decode step, an expert's share of a short prompt: the C decode kernel a
+    row at a time, the integer prefill kernel, or torch's int8 kernel without a compiler) against
+    the dequantized weights' float32 matmul."""
+    q = load_model(model_dir, dtype="bfloat16", quantize=quant)
     m = q.model.layers[0].block_sparse_moe.experts.w1
-    x = torch.randn(1, m.shape[1], dtype=torch.bfloat16)
+    x = torch.randn(rows, m.shape[1], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(rows))
     fast = m.linear(0, x).float()
+    assert fast.shape == (rows, m.shape[0])
     slow = torch.nn.functional.linear(x.float(), m.dequantize(0, torch.float32)).float()
     assert ((fast - slow).norm() / slow.norm()).item() < 1e-2
 
