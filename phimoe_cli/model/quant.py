@@ -116,7 +116,8 @@ class QuantizedMatrices(nn.Module):
             y = native.amx_matmul(lib, x, self, i)
             if y is not None:
                 return y
-        if lib is not None and x.dtype == torch.bfloat16 and rows <= 2 and native.matrix(self) is not None:
+        readable = lib is not None and native.matrix(self) is not None  # by the C kernels
+        if readable and x.dtype == torch.bfloat16 and rows <= 2:
             # one or two rows (an expert's share of a short prompt, an eager decode step): the decode
             # step's kernel a row at a time, which reads the stored codes straight; the integer kernel
             # below widens each weight row first. A 6400x4096 expert, one row: 0.30 ms against 0.60
@@ -124,10 +125,11 @@ class QuantizedMatrices(nn.Module):
             flat = x.reshape(rows, x.shape[-1])
             y = torch.stack([native.qlinear(lib, flat[r], self, i) for r in range(rows)])
             return y.reshape(*x.shape[:-1], self.shape[0])
-        # torch's int8 kernel where the C kernels do not take the rows (no compiler, float16 rows): at
-        # 4 / 8 rows of a 6400x4096 expert the integer kernel below took 1.3 / 2.0 ms against 1.6 / 3.2
-        # (AVX2), 1.1 / 1.5 against 1.0 / 1.7 (AVX-512; benchmarks/quant_matmul.py, Zen 5, 2 threads)
-        if self.quant_type == "int8" and _int8_kernel_applies(x) and (lib is None or x.dtype != torch.bfloat16):
+        # torch's int8 kernel where the C kernels do not take the rows (no compiler, float16 rows, a
+        # layout they cannot read): at 4 / 8 rows of a 6400x4096 expert the integer kernel below took
+        # 1.3 / 2.0 ms against 1.6 / 3.2 (AVX2), 1.1 / 1.5 against 1.0 / 1.7 (AVX-512;
+        # benchmarks/quant_matmul.py, Zen 5, 2 threads)
+        if self.quant_type == "int8" and _int8_kernel_applies(x) and not (readable and x.dtype == torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
         if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 16):
@@ -138,7 +140,7 @@ class QuantizedMatrices(nn.Module):
             y = native.qmatmul(lib, x, self, i)
             if y is not None:
                 return y
-        if lib is not None and native.matrix(self) is not None:
+        if readable:
             # more rows where the CPU multiplies bfloat16 natively, or float32 rows: the C kernels
             # widen a block of weight rows at a time, multiplied in the prefill dtype. Widened
             # straight to bfloat16 (not float32, then rounded by torch): 1.5-2.3x at 16-128 rows of
