@@ -206,14 +206,17 @@ static void dot_rows(const bf16 *W, long K, const bf16 *x, long r0, long r1, flo
 }
 #endif
 
-/* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
-static void share(long n, long *r0, long *r1) {
+/* this thread's share [*r0, *r1) of n rows, in blocks of `unit` */
+static void share_units(long n, long unit, long *r0, long *r1) {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    long blocks = (n + 3) / 4, per = blocks / nt, extra = blocks % nt;
+    long blocks = (n + unit - 1) / unit, per = blocks / nt, extra = blocks % nt;
     long b0 = t * per + (t < extra ? t : extra), b1 = b0 + per + (t < extra);
-    *r0 = b0 * 4 < n ? b0 * 4 : n;
-    *r1 = b1 * 4 < n ? b1 * 4 : n;
+    *r0 = b0 * unit < n ? b0 * unit : n;
+    *r1 = b1 * unit < n ? b1 * unit : n;
 }
+
+/* this thread's share [*r0, *r1) of n rows, in blocks of 4 */
+static void share(long n, long *r0, long *r1) { share_units(n, 4, r0, r1); }
 
 /* y = bf16(W x + b) for this thread's rows; bias may be NULL */
 static void linear_rows(const bf16 *W, const bf16 *b, const bf16 *x, long n, long k, float *tmp, bf16 *y) {
@@ -647,12 +650,16 @@ void phimoe_dequantize_bf16(const Mat *m, long e, long n, long K, long r0, long 
  * Y [M, n] = bf16(X [M, K] W^T + b) for quantized W: X's rows quantized to int16 per 64 as the
  * decode step quantizes one, each weight row widened to int16 once and multiplied against four
  * rows of X at a time, in integers per 64-block; so a weight is unpacked once per pass, not once
- * per token, and never widened to float. The widened rows go PANEL at a time (64 KiB at K 1024),
+ * per token, and never widened to float. The widened rows go PANEL at a time (256 KiB at K 4096),
  * each four rows of X meeting the whole panel while they stay in L1: one row at a time against
- * all of X, X came from L2 for every row (1.2-1.9x slower, benchmarks/README.md). */
+ * all of X, X came from L2 for every row (1.2-1.9x slower, benchmarks/README.md).
+ * Two layouts of the widened rows: with AVX2 or AVX-512 and K a multiple of 64, the row-lane one
+ * (lane_rows: each int32 lane one weight row's sum); elsewhere, and for the last n % IV rows, each
+ * row's values in order (dotr: each lane a slice of one row's sum, summed across at the end). */
 enum { PANEL = 32 };
 
-static long panel_bytes(long K) { return PANEL * 2 * round64(K) + 64; } /* a thread's widened rows */
+/* a thread's widened rows and the panel's 4-bit block scales */
+static long panel_bytes(long K) { return PANEL * 2 * round64(K) + 4 * PANEL * round64(K / QB + 1) + 128; }
 
 long phimoe_qmatmul_scratch(long M, long K, int threads) {
     const long nb = (K + QB - 1) / QB, M4 = (M + 3) / 4 * 4;
@@ -761,6 +768,304 @@ static void dot_group(const int16_t *w, long K, const int16_t *q, long ldq, cons
     }
 }
 
+/* ------------------------------------------ the prompt's pass, row-lane layout (IV rows a vector)
+ * A tile of IV weight rows is widened to int16 pair by pair: w[j * IV + r] (as int32) holds row
+ * r's values 2j, 2j + 1, and each prompt row's pair is broadcast to every lane, so one multiply-add
+ * of pairs (vpmaddwd; AVX512-VNNI: vpdpwssd) adds to IV rows' sums at once. The per-block scaling
+ * (the int32 sums to float, times the block scales, added) is then done once per IV rows, not once
+ * per row as dotr does it: in dotr it was a third of the instructions. 6400x4096 nf4, GMAC/s
+ * (benchmarks/README.md): AVX-512 VNNI 8 rows 155 -> 210, 16 rows 180 -> 280; AVX2 120 -> 127,
+ * 135 -> 149. Widening into this layout transposes 8 rows at a time in registers. */
+#if defined(__AVX512BW__)
+#define IV 16
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define ILOAD(p) _mm512_loadu_si512((const void *)(p))
+#define IZERO() _mm512_setzero_si512()
+#if defined(__AVX512VNNI__)
+#define IDOT(a, w, x) _mm512_dpwssd_epi32(a, w, x)
+#else
+#define IDOT(a, w, x) _mm512_add_epi32(a, _mm512_madd_epi16(w, x))
+#endif
+#define IBCAST(v) _mm512_set1_epi32(v)
+#define I2F(a) _mm512_cvtepi32_ps(a)
+#define FZERO() _mm512_setzero_ps()
+#define FSET1(f) _mm512_set1_ps(f)
+#define FLOADU(p) _mm512_loadu_ps(p)
+#define FMUL(a, b) _mm512_mul_ps(a, b)
+#define FFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FSTOREU(p, v) _mm512_storeu_ps(p, v)
+#define TILES 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define IV 8
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define ILOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define IZERO() _mm256_setzero_si256()
+#define IDOT(a, w, x) _mm256_add_epi32(a, _mm256_madd_epi16(w, x))
+#define IBCAST(v) _mm256_set1_epi32(v)
+#define I2F(a) _mm256_cvtepi32_ps(a)
+#define FZERO() _mm256_setzero_ps()
+#define FSET1(f) _mm256_set1_ps(f)
+#define FLOADU(p) _mm256_loadu_ps(p)
+#define FMUL(a, b) _mm256_mul_ps(a, b)
+#define FFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FSTOREU(p, v) _mm256_storeu_ps(p, v)
+#define TILES 1
+#endif
+
+#ifdef IV
+static inline int32_t pair_at(const int16_t *q) { int32_t v; memcpy(&v, q, 4); return v; }
+
+/* The 4-bit codes of a tile, for the row-lane layout. A block's 32 bytes (byte j: the values 2j,
+ * 2j + 1) of 8 rows are transposed in three rounds of byte, word and dword interleaves (per 128-bit
+ * lane: bytes 0-15, then 16-31), which leaves the 8 rows' byte j side by side: v[g] holds bytes 2g,
+ * 2g + 1 (lane 0) and 16 + 2g, 17 + 2g (lane 1), each as 8 bytes of rows 0-7 */
+static inline __attribute__((always_inline)) void transpose8(const uint8_t *p, long rb_, long b, __m256i v[8]) {
+    __m256i r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm256_loadu_si256((const __m256i *)(p + i * rb_ + 32 * b));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi8(r[2 * i], r[2 * i + 1]);     /* bytes 0-7 of rows 2i, 2i + 1 */
+        t[2 * i + 1] = _mm256_unpackhi_epi8(r[2 * i], r[2 * i + 1]); /* bytes 8-15 */
+    }
+    for (int h = 0; h < 2; h++) { /* rows 0-3 (h 0), rows 4-7 (h 1) */
+        u[4 * h] = _mm256_unpacklo_epi16(t[4 * h], t[4 * h + 2]);         /* bytes 0-3 */
+        u[4 * h + 1] = _mm256_unpackhi_epi16(t[4 * h], t[4 * h + 2]);     /* 4-7 */
+        u[4 * h + 2] = _mm256_unpacklo_epi16(t[4 * h + 1], t[4 * h + 3]); /* 8-11 */
+        u[4 * h + 3] = _mm256_unpackhi_epi16(t[4 * h + 1], t[4 * h + 3]); /* 12-15 */
+    }
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = _mm256_unpacklo_epi32(u[i], u[4 + i]);     /* bytes 4i, 4i + 1 of the 8 rows */
+        v[2 * i + 1] = _mm256_unpackhi_epi32(u[i], u[4 + i]); /* 4i + 2, 4i + 3 */
+    }
+}
+
+/* cs[b * IV + r] = a[r * nb + b]: a tile's block scales, per block its IV rows side by side; in
+ * 8x8 transposes (per element, loads and stores cost as much as the widening of the codes) */
+static void tile_scales(const float *a, long nb, float *cs) {
+    long b0 = 0;
+    for (; b0 + 8 <= nb; b0 += 8)
+        for (int h = 0; h < IV; h += 8) {
+            __m256 r[8], t[8], u[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(a + (h + i) * nb + b0);
+            for (int i = 0; i < 4; i++) {
+                t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            for (int i = 0; i < 2; i++) {
+                u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int j = 0; j < 4; j++) {
+                _mm256_storeu_ps(cs + (b0 + j) * IV + h, _mm256_permute2f128_ps(u[j], u[4 + j], 0x20));
+                _mm256_storeu_ps(cs + (b0 + 4 + j) * IV + h, _mm256_permute2f128_ps(u[j], u[4 + j], 0x31));
+            }
+        }
+    for (; b0 < nb; b0++)
+        for (int r = 0; r < IV; r++) cs[b0 * IV + r] = a[r * nb + b0];
+}
+
+/* The tile's rows are short (2 KiB at K 4096) and read side by side, which the hardware prefetcher
+ * does not follow: while block b is widened, the next tile's codes (contiguous) are fetched in order,
+ * 1 / nb of them, and its scales; without, widening waited on memory (0.77 -> 0.66 ms for 2 rows
+ * of a 6400x4096 nf4 expert, AVX-512) */
+static inline __attribute__((always_inline)) void prefetch_next_tile(const void *p, const float *a, long rb_, long nb, long b,
+                                                                      const int bb) {
+    if (!PREFETCH) return;
+    const char *next = (const char *)p + IV * rb_ + bb * IV * b; /* a block is bb bytes of each of IV rows */
+    for (int o = 0; o < bb * IV; o += 64) __builtin_prefetch(next + o, 0, 3);
+    if (a && b % 16 == 0)
+        for (int r = 0; r < IV; r++) __builtin_prefetch(a + (IV + r) * nb + b, 0, 3);
+}
+
+/* 4-bit rows i0..i0 + IV of matrix e widened into the row-lane layout (w[j * IV + r]: row r's pair
+ * j as int32), and the tile's block scales (cs[b * IV + r]: row r's absmax of block b). Each code
+ * becomes its value by a table lookup of its nibble, int8, then int16 */
+static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w, float *cs) {
+    const long rb_ = K / 2, nb = K / QB;
+    const uint8_t *p = (const uint8_t *)m->w + (e * n + i0) * rb_;
+    const float *a = m->s + (e * n + i0) * nb;
+    tile_scales(a, nb, cs);
+#if IV == 16
+    const __m512i tbl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm512_set1_epi8(15);
+    for (long b = 0; b < nb; b++) {
+        prefetch_next_tile(p, a, rb_, nb, b, 32);
+        __m256i v0[8], v1[8];
+        transpose8(p, rb_, b, v0);
+        transpose8(p + 8 * rb_, rb_, b, v1);
+        for (int g = 0; g < 8; g++) {
+            /* lanes: bytes (2g, 2g + 1) of rows 0-7, (16 + 2g, 17 + 2g) of rows 0-7, then of rows 8-15 */
+            const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(v0[g]), v1[g], 1);
+            const __m512i hi = _mm512_shuffle_epi8(tbl, _mm512_and_si512(_mm512_srli_epi16(z, 4), low));
+            const __m512i lo = _mm512_shuffle_epi8(tbl, _mm512_and_si512(z, low));
+            /* byte 2g of rows 0-7, 16 + 2g of rows 0-7, 2g of rows 8-15, 16 + 2g of 8-15, as value pairs;
+             * then the lanes reordered so that each half holds one byte's 16 rows */
+            const __m512i e0 = _mm512_shuffle_i64x2(_mm512_unpacklo_epi8(hi, lo), _mm512_unpacklo_epi8(hi, lo), 0xD8);
+            const __m512i e1 = _mm512_shuffle_i64x2(_mm512_unpackhi_epi8(hi, lo), _mm512_unpackhi_epi8(hi, lo), 0xD8);
+            int16_t *ob = w + (32 * b + 2 * g) * 2 * IV;
+            _mm512_storeu_si512((void *)ob, _mm512_cvtepi8_epi16(_mm512_castsi512_si256(e0)));
+            _mm512_storeu_si512((void *)(ob + 2 * IV), _mm512_cvtepi8_epi16(_mm512_castsi512_si256(e1)));
+            _mm512_storeu_si512((void *)(ob + 32 * IV), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e0, 1)));
+            _mm512_storeu_si512((void *)(ob + 34 * IV), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e1, 1)));
+        }
+    }
+#else
+    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm256_set1_epi8(15);
+    for (long b = 0; b < nb; b++) {
+        prefetch_next_tile(p, a, rb_, nb, b, 32);
+        __m256i v[8];
+        transpose8(p, rb_, b, v);
+        for (int g = 0; g < 8; g++) {
+            const __m256i hi = _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(v[g], 4), low));
+            const __m256i lo = _mm256_shuffle_epi8(tbl, _mm256_and_si256(v[g], low));
+            const __m256i e0 = _mm256_unpacklo_epi8(hi, lo), e1 = _mm256_unpackhi_epi8(hi, lo);
+            int16_t *ob = w + (32 * b + 2 * g) * 2 * IV;
+            _mm256_storeu_si256((__m256i *)ob, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(e0)));
+            _mm256_storeu_si256((__m256i *)(ob + 2 * IV), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(e1)));
+            _mm256_storeu_si256((__m256i *)(ob + 32 * IV), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(e0, 1)));
+            _mm256_storeu_si256((__m256i *)(ob + 34 * IV), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(e1, 1)));
+        }
+    }
+#endif
+}
+
+/* 32 bytes at p + off of each of 8 int8 rows (K apart), as 16 pairs of values each, transposed:
+ * v[j] holds pair j (lane 0) and pair 8 + j (lane 1) of rows 0-7, 16 bytes each */
+static inline __attribute__((always_inline)) void transpose_pairs8(const int8_t *p, long K, long off, __m256i v[8]) {
+    __m256i r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(p + i * K + off));
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);     /* pairs 0-3 of rows 2i, 2i + 1 */
+        t[2 * i + 1] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]); /* 4-7 */
+    }
+    for (int h = 0; h < 2; h++) { /* rows 0-3 (h 0), rows 4-7 (h 1) */
+        u[4 * h] = _mm256_unpacklo_epi32(t[4 * h], t[4 * h + 2]);         /* pairs 0, 1 */
+        u[4 * h + 1] = _mm256_unpackhi_epi32(t[4 * h], t[4 * h + 2]);     /* 2, 3 */
+        u[4 * h + 2] = _mm256_unpacklo_epi32(t[4 * h + 1], t[4 * h + 3]); /* 4, 5 */
+        u[4 * h + 3] = _mm256_unpackhi_epi32(t[4 * h + 1], t[4 * h + 3]); /* 6, 7 */
+    }
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = _mm256_unpacklo_epi64(u[i], u[4 + i]);     /* pair 2i */
+        v[2 * i + 1] = _mm256_unpackhi_epi64(u[i], u[4 + i]); /* pair 2i + 1 */
+    }
+}
+
+/* int8 rows i0..i0 + IV of matrix e widened into the row-lane layout */
+static __attribute__((noinline)) void widen_i8_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w) {
+    const int8_t *p = (const int8_t *)m->w + (e * n + i0) * K;
+    for (long b = 0; b < K / QB; b++) {
+        prefetch_next_tile(p, NULL, K, K / QB, b, 64);
+        for (int c = 0; c < 2; c++) { /* pairs 32b + 16c + (0-15) */
+            int16_t *ob = w + (32 * b + 16 * c) * 2 * IV;
+#if IV == 16
+            __m256i v0[8], v1[8];
+            transpose_pairs8(p, K, 64 * b + 32 * c, v0);
+            transpose_pairs8(p + 8 * K, K, 64 * b + 32 * c, v1);
+            for (int j = 0; j < 8; j++) {
+                _mm512_storeu_si512((void *)(ob + j * 2 * IV), _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(v0[j], v1[j], 0x20)));
+                _mm512_storeu_si512((void *)(ob + (8 + j) * 2 * IV), _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(v0[j], v1[j], 0x31)));
+            }
+#else
+            __m256i v[8];
+            transpose_pairs8(p, K, 64 * b + 32 * c, v);
+            for (int j = 0; j < 8; j++) {
+                _mm256_storeu_si256((__m256i *)(ob + j * 2 * IV), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v[j])));
+                _mm256_storeu_si256((__m256i *)(ob + (8 + j) * 2 * IV), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v[j], 1)));
+            }
+#endif
+        }
+    }
+}
+
+/* f[t][j] += the sums of T tiles (IV rows each, TS int16 apart) by R prompt rows, K % 64 == 0;
+ * cs: per tile and block the IV rows' block scales (4-bit), or NULL */
+static inline __attribute__((always_inline)) void lane_dot(const int16_t *w, long TS, const int T, long K, const int16_t *q,
+                                                           long ldq, const float *D, long ldd, const float *cs, const int R,
+                                                           fvec f[TILES][4]) {
+    const long nb = K / QB;
+    for (long b = 0; b < nb; b++) {
+        ivec a[TILES][4];
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < R; j++) a[t][j] = IZERO();
+        const int16_t *wb = w + b * QB * IV;
+#pragma GCC unroll 8
+        for (int p = 0; p < QB / 2; p++) {
+            ivec wv[TILES];
+            for (int t = 0; t < T; t++) wv[t] = ILOAD(wb + t * TS + p * 2 * IV);
+            for (int j = 0; j < R; j++) {
+                const ivec x = IBCAST(pair_at(q + j * ldq + b * QB + 2 * p));
+                for (int t = 0; t < T; t++) a[t][j] = IDOT(a[t][j], wv[t], x);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const fvec c = cs ? FLOADU(cs + (t * nb + b) * IV) : FSET1(1.f);
+            for (int j = 0; j < R; j++) f[t][j] = FFMA(I2F(a[t][j]), cs ? FMUL(c, FSET1(D[j * ldd + b])) : FSET1(D[j * ldd + b]), f[t][j]);
+        }
+    }
+}
+
+#define LANE_CASE(T, R) lane_dot(w, TS, T, K, q, ldq, D, ldd, cs, R, f)
+static void lane_group(const int16_t *w, long TS, int T, long K, const int16_t *q, long ldq, const float *D, long ldd,
+                       const float *cs, int R, fvec f[TILES][4]) {
+#if TILES == 2
+    if (T == 2) {
+        switch (R) {
+        case 1: LANE_CASE(2, 1); return;
+        case 2: LANE_CASE(2, 2); return;
+        case 3: LANE_CASE(2, 3); return;
+        default: LANE_CASE(2, 4); return;
+        }
+    }
+#endif
+    switch (R) {
+    case 1: LANE_CASE(1, 1); return;
+    case 2: LANE_CASE(1, 2); return;
+    case 3: LANE_CASE(1, 3); return;
+    default: LANE_CASE(1, 4); return;
+    }
+}
+/* Y's columns r0..r1 (multiples of IV) from the quantized rows of X (Q, D), in the row-lane layout;
+ * w: the thread's panel (PANEL rows and their block scales) */
+static void lane_rows(const Mat *m, long e, long n, long K, const int16_t *Q, long ldq, const float *D, long ldd, long M,
+                      const bf16 *b, bf16 *Y, long r0, long r1, int16_t *w) {
+    const long nb = K / QB;
+    float *cs = (float *)(w + PANEL * ldq), scale[PANEL], bias[PANEL];
+    for (long i0 = r0; i0 < r1; i0 += PANEL) {
+        const long rows = r1 - i0 < PANEL ? r1 - i0 : PANEL, nt = rows / IV;
+        for (long tl = 0; tl < nt; tl++) {
+            if (m->kind == W_Q4) widen_q4_tile(m, e, n, K, i0 + tl * IV, w + tl * IV * K, cs + tl * nb * IV);
+            else widen_i8_tile(m, e, n, K, i0 + tl * IV, w + tl * IV * K);
+        }
+        for (long r = 0; r < rows; r++) {
+            scale[r] = m->kind == W_I8 ? rb(m->s[e * n + i0 + r]) : 1.f / 127.f; /* as for dotr, below */
+            bias[r] = b ? bf2f(b[i0 + r]) : 0.f;
+        }
+        for (long t = 0; t < M; t += 4) {
+            const int R = M - t < 4 ? (int)(M - t) : 4;
+            for (long tl = 0; tl < nt; tl += TILES) {
+                const int T = nt - tl < TILES ? (int)(nt - tl) : TILES;
+                fvec f[TILES][4];
+                for (int u = 0; u < TILES; u++)
+                    for (int j = 0; j < 4; j++) f[u][j] = FZERO();
+                lane_group(w + tl * IV * K, IV * K, T, K, Q + t * ldq, ldq, D + t * ldd, ldd,
+                           m->kind == W_Q4 ? cs + tl * nb * IV : NULL, R, f);
+                for (int u = 0; u < T; u++)
+                    for (int j = 0; j < R; j++) {
+                        float o[IV];
+                        FSTOREU(o, f[u][j]);
+                        const long rr = (tl + u) * IV;
+                        for (int r = 0; r < IV; r++) Y[(t + j) * n + i0 + rr + r] = f2bf(o[r] * scale[rr + r] + bias[rr + r]);
+                    }
+            }
+        }
+    }
+}
+#endif
+
 void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M, const bf16 *b, bf16 *Y,
                     void *scratch, int threads) {
     const long nb = (K + QB - 1) / QB, ldq = round64(K), ldd = round64(nb);
@@ -783,9 +1088,19 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
                 memset(qx.d, 0, 4 * nb);
             }
         }
-        long r0, r1;
-        share(n, &r0, &r1);
+        long r0 = 0, r1 = 0;
         float out[4], scale[PANEL], bias[PANEL];
+#ifdef IV
+        if (K % QB == 0) {
+            const long tiles = n / IV;
+            share_units(tiles, 1, &r0, &r1);
+            lane_rows(m, e, n, K, Q, ldq, D, ldd, M, b, Y, r0 * IV, r1 * IV, w);
+            /* the last n % IV rows, row by row below, on the last thread */
+            if (omp_get_thread_num() == omp_get_num_threads() - 1) r0 = tiles * IV, r1 = n;
+            else r0 = r1 = 0;
+        } else
+#endif
+        share(n, &r0, &r1);
         for (long i0 = r0; i0 < r1; i0 += PANEL) {
             const long rows = r1 - i0 < PANEL ? r1 - i0 : PANEL;
             for (long r = 0; r < rows; r++) {
