@@ -132,11 +132,13 @@ class QuantizedMatrices(nn.Module):
         if self.quant_type == "int8" and _int8_kernel_applies(x) and not (readable and x.dtype == torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
-        if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 16):
-            # bfloat16 rows (prefill) on a CPU without bfloat16 dot products, or few of them: integer
-            # products in C, as the decode step computes one row. Measured (benchmarks/quant_matmul.py):
-            # 2x the float32 GEMM of widened weights with an expert's ~17 rows (AVX2); with native
-            # bfloat16, 2x the bfloat16 GEMM at 8 rows, 0.65x at 32, 0.45x at 64 (AVX512-BF16)
+        if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 128):
+            # bfloat16 rows (prefill) on a CPU without bfloat16 dot products, or up to 128 of them:
+            # integer products in C, as the decode step computes one row. Measured
+            # (benchmarks/quant_matmul.py, a 6400x4096 expert, Zen 5, 2 threads): 2x the float32 GEMM
+            # of widened weights with an expert's ~17 rows (AVX2); with native bfloat16 (AVX512-BF16,
+            # VNNI), 1.5-2.2x the bfloat16 GEMM of widened weights at 16-32 rows, 1.1x at 128, 0.96x
+            # at 256 (int8 and nf4)
             y = native.qmatmul(lib, x, self, i)
             if y is not None:
                 return y
