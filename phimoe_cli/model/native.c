@@ -774,8 +774,8 @@ static void dot_group(const int16_t *w, long K, const int16_t *q, long ldq, cons
  * of pairs (vpmaddwd; AVX512-VNNI: vpdpwssd) adds to IV rows' sums at once. The per-block scaling
  * (the int32 sums to float, times the block scales, added) is then done once per IV rows, not once
  * per row as dotr does it: in dotr it was a third of the instructions. 6400x4096 nf4, GMAC/s
- * (benchmarks/README.md): AVX-512 VNNI 8 rows 155 -> 210, 16 rows 180 -> 280; AVX2 120 -> 127,
- * 135 -> 149. Widening into this layout transposes 8 rows at a time in registers. */
+ * (benchmarks/README.md, Zen 5): AVX-512 VNNI 8 rows 163 -> 224, 16 rows 185 -> 295; AVX2 128 ->
+ * 138, 142 -> 161. Widening into this layout transposes 8 rows at a time in registers. */
 #if defined(__AVX512BW__)
 #define IV 16
 typedef __m512i ivec;
@@ -1091,7 +1091,9 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         long r0 = 0, r1 = 0;
         float out[4], scale[PANEL], bias[PANEL];
 #ifdef IV
-        if (K % QB == 0) {
+        /* (int8 with 3 rows: dotr's in-order rows, 7-10% faster; widening int8 into the tile costs
+         * more than the products it saves at so few rows) */
+        if (K % QB == 0 && !(m->kind == W_I8 && M < 4)) {
             const long tiles = n / IV;
             share_units(tiles, 1, &r0, &r1);
             lane_rows(m, e, n, K, Q, ldq, D, ldd, M, b, Y, r0 * IV, r1 * IV, w);
