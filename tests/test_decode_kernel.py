@@ -172,14 +172,16 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
 def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatch):
     """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, on a CPU
     with AMX, AMX tiles on weights widened in L1 (native.amx_matmul); without AMX an expert's rows
-    beyond 16 go to the bfloat16 GEMM with its weight rows widened by C a block at a time
-    (blocked_linear); where prefill widens to float32, and for few rows, they are multiplied as
-    integers against int16 activations (native.qmatmul). Either way close to each other."""
+    beyond quant.INTEGER_ROWS go to the bfloat16 GEMM with its weight rows widened by C a block at
+    a time (blocked_linear); where prefill widens to float32, and for fewer rows, they are
+    multiplied as integers against int16 activations (native.qmatmul). Either way close to each
+    other."""
     from phimoe_cli.model import native
 
     if native.library() is None:
         pytest.skip("no C toolchain here")
-    x = torch.randint(0, 32000, (1, 60), generator=torch.Generator().manual_seed(7))  # ~30 rows an expert
+    # ~150 rows an expert (4 experts, top 2), a few below the limit, most above
+    x = torch.randint(0, 32000, (1, 300), generator=torch.Generator().manual_seed(7))
     model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
     calls = []
     real_qmatmul, real_blocked, real_amx = native.qmatmul, kernels.blocked_linear, native.amx_matmul
@@ -209,7 +211,7 @@ def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatc
         on_amx = {"amx_tile", "amx_bf16"} <= set(native.cpuinfo().get("flags", "").split())
         used = {kind for kind, shape, _ in calls if shape in experts}
         assert used == {"amx"} if on_amx else "blocked" in used and used <= {"blocked", "qmatmul"}, used
-        assert all((kind == "blocked") == (rows > 16)
+        assert all((kind == "blocked") == (rows > quant.INTEGER_ROWS)
                    for kind, shape, rows in calls if shape in experts and kind != "amx")
         assert experts <= {shape for kind, shape, _ in calls if kind in ("blocked", "amx")}
         calls.clear()

@@ -36,6 +36,9 @@ from .layers import ExpertGroup
 QUANT_TYPES = ("int8", "nf4", "fp4")
 HEAD_FORMAT = "int8"  # --quantize-head: 4 bits would cost the next-token distribution itself
 BLOCKSIZE = 64
+#: Where bfloat16 is multiplied natively (without AMX), prompt rows up to this many an expert are
+#: multiplied as integers (native.qmatmul); more go to the bfloat16 GEMM of widened weight blocks
+INTEGER_ROWS = 128
 #: The 4-bit code values as int8: round(127 * bitsandbytes' get_4bit_type(...)) (tests check it).
 CODEBOOK = {
     "nf4": (-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127),
@@ -132,7 +135,7 @@ class QuantizedMatrices(nn.Module):
         if self.quant_type == "int8" and _int8_kernel_applies(x) and not (readable and x.dtype == torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight[i], self.scale[i].to(x.dtype))
             return y.reshape(*x.shape[:-1], self.shape[0])
-        if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= 128):
+        if lib is not None and x.dtype == torch.bfloat16 and (compute != torch.bfloat16 or rows <= INTEGER_ROWS):
             # bfloat16 rows (prefill) on a CPU without bfloat16 dot products, or up to 128 of them:
             # integer products in C, as the decode step computes one row. Measured
             # (benchmarks/quant_matmul.py, a 6400x4096 expert, Zen 5, 2 threads): 2x the float32 GEMM
