@@ -152,7 +152,7 @@ def test_quantized_linear_is_the_integer_product_of_the_quantized_vector(lib, qu
                                                ("fp4", 9, 1600, 8), ("nf4", 70, 576, 1),
                                                # panels of 32 widened rows: several a thread, the last partial
                                                ("nf4", 150, 256, 6), ("int8", 133, 128, 9),
-                                               # int8, 3 rows: in-order rows where the row-lane tiles apply
+                                               # int8 tiles with a group of 3 rows, widened as it is multiplied
                                                ("int8", 48, 192, 3)])
 def test_quantized_matmul_is_the_one_row_kernel_row_by_row(lib, quant, n, k, rows):
     """The prompt's pass (many rows, on CPUs without bfloat16 dot products) multiplies each row as

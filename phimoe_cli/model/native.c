@@ -815,6 +815,11 @@ typedef __m256 fvec;
 #endif
 
 #ifdef IV
+/* the first 4 prompt rows are multiplied as the tiles are widened, WSTEP blocks at a time, so that the
+ * widening (memory, shuffles) and the products (multiplies) overlap in the out-of-order window:
+ * widening a whole panel first, then multiplying, took 10-28% longer at 3-8 rows (Zen 5; 1 block at a
+ * time: half the gain) */
+#define WSTEP 4
 static inline int32_t pair_at(const int16_t *q) { int32_t v; memcpy(&v, q, 4); return v; }
 
 /* The 4-bit codes of a tile, for the row-lane layout. A block's 32 bytes (byte j: the values 2j,
@@ -876,23 +881,25 @@ static void tile_scales(const float *a, long nb, float *cs) {
 static inline __attribute__((always_inline)) void prefetch_next_tile(const void *p, const float *a, long rb_, long nb, long b,
                                                                       const int bb) {
     if (!PREFETCH) return;
-    const char *next = (const char *)p + IV * rb_ + bb * IV * b; /* a block is bb bytes of each of IV rows */
+    /* TILES tiles are widened side by side: the next are TILES on */
+    const char *next = (const char *)p + TILES * IV * rb_ + bb * IV * b; /* a block is bb bytes of each of IV rows */
     for (int o = 0; o < bb * IV; o += 64) __builtin_prefetch(next + o, 0, 3);
     if (a && b % 16 == 0)
-        for (int r = 0; r < IV; r++) __builtin_prefetch(a + (IV + r) * nb + b, 0, 3);
+        for (int r = 0; r < IV; r++) __builtin_prefetch(a + (TILES * IV + r) * nb + b, 0, 3);
 }
 
 /* 4-bit rows i0..i0 + IV of matrix e widened into the row-lane layout (w[j * IV + r]: row r's pair
  * j as int32), and the tile's block scales (cs[b * IV + r]: row r's absmax of block b). Each code
  * becomes its value by a table lookup of its nibble, int8, then int16 */
-static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w, float *cs) {
+static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w, float *cs,
+                                                    long b0, long b1) {
     const long rb_ = K / 2, nb = K / QB;
     const uint8_t *p = (const uint8_t *)m->w + (e * n + i0) * rb_;
     const float *a = m->s + (e * n + i0) * nb;
-    tile_scales(a, nb, cs);
+    if (b0 == 0) tile_scales(a, nb, cs);
 #if IV == 16
     const __m512i tbl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm512_set1_epi8(15);
-    for (long b = 0; b < nb; b++) {
+    for (long b = b0; b < b1; b++) {
         prefetch_next_tile(p, a, rb_, nb, b, 32);
         __m256i v0[8], v1[8];
         transpose8(p, rb_, b, v0);
@@ -915,7 +922,7 @@ static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n
     }
 #else
     const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm256_set1_epi8(15);
-    for (long b = 0; b < nb; b++) {
+    for (long b = b0; b < b1; b++) {
         prefetch_next_tile(p, a, rb_, nb, b, 32);
         __m256i v[8];
         transpose8(p, rb_, b, v);
@@ -955,9 +962,9 @@ static inline __attribute__((always_inline)) void transpose_pairs8(const int8_t 
 }
 
 /* int8 rows i0..i0 + IV of matrix e widened into the row-lane layout */
-static __attribute__((noinline)) void widen_i8_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w) {
+static __attribute__((noinline)) void widen_i8_tile(const Mat *m, long e, long n, long K, long i0, int16_t *w, long b0, long b1) {
     const int8_t *p = (const int8_t *)m->w + (e * n + i0) * K;
-    for (long b = 0; b < K / QB; b++) {
+    for (long b = b0; b < b1; b++) {
         prefetch_next_tile(p, NULL, K, K / QB, b, 64);
         for (int c = 0; c < 2; c++) { /* pairs 32b + 16c + (0-15) */
             int16_t *ob = w + (32 * b + 16 * c) * 2 * IV;
@@ -985,9 +992,9 @@ static __attribute__((noinline)) void widen_i8_tile(const Mat *m, long e, long n
  * cs: per tile and block the IV rows' block scales (4-bit), or NULL */
 static inline __attribute__((always_inline)) void lane_dot(const int16_t *w, long TS, const int T, long K, const int16_t *q,
                                                            long ldq, const float *D, long ldd, const float *cs, const int R,
-                                                           fvec f[TILES][4]) {
+                                                           long b0, long b1, fvec f[TILES][4]) {
     const long nb = K / QB;
-    for (long b = 0; b < nb; b++) {
+    for (long b = b0; b < b1; b++) {
         ivec a[TILES][4];
         for (int t = 0; t < T; t++)
             for (int j = 0; j < R; j++) a[t][j] = IZERO();
@@ -1008,9 +1015,9 @@ static inline __attribute__((always_inline)) void lane_dot(const int16_t *w, lon
     }
 }
 
-#define LANE_CASE(T, R) lane_dot(w, TS, T, K, q, ldq, D, ldd, cs, R, f)
+#define LANE_CASE(T, R) lane_dot(w, TS, T, K, q, ldq, D, ldd, cs, R, b0, b1, f)
 static void lane_group(const int16_t *w, long TS, int T, long K, const int16_t *q, long ldq, const float *D, long ldd,
-                       const float *cs, int R, fvec f[TILES][4]) {
+                       const float *cs, int R, long b0, long b1, fvec f[TILES][4]) {
 #if TILES == 2
     if (T == 2) {
         switch (R) {
@@ -1029,17 +1036,14 @@ static void lane_group(const int16_t *w, long TS, int T, long K, const int16_t *
     }
 }
 /* Y's columns r0..r1 (multiples of IV) from the quantized rows of X (Q, D), in the row-lane layout;
- * w: the thread's panel (PANEL rows and their block scales) */
+ * w: the thread's panel (PANEL rows and their block scales), widened while the first group of prompt
+ * rows is multiplied (WSTEP), then read by the other groups */
 static void lane_rows(const Mat *m, long e, long n, long K, const int16_t *Q, long ldq, const float *D, long ldd, long M,
                       const bf16 *b, bf16 *Y, long r0, long r1, int16_t *w) {
     const long nb = K / QB;
     float *cs = (float *)(w + PANEL * ldq), scale[PANEL], bias[PANEL];
     for (long i0 = r0; i0 < r1; i0 += PANEL) {
         const long rows = r1 - i0 < PANEL ? r1 - i0 : PANEL, nt = rows / IV;
-        for (long tl = 0; tl < nt; tl++) {
-            if (m->kind == W_Q4) widen_q4_tile(m, e, n, K, i0 + tl * IV, w + tl * IV * K, cs + tl * nb * IV);
-            else widen_i8_tile(m, e, n, K, i0 + tl * IV, w + tl * IV * K);
-        }
         for (long r = 0; r < rows; r++) {
             scale[r] = m->kind == W_I8 ? rb(m->s[e * n + i0 + r]) : 1.f / 127.f; /* as for dotr, below */
             bias[r] = b ? bf2f(b[i0 + r]) : 0.f;
@@ -1048,11 +1052,22 @@ static void lane_rows(const Mat *m, long e, long n, long K, const int16_t *Q, lo
             const int R = M - t < 4 ? (int)(M - t) : 4;
             for (long tl = 0; tl < nt; tl += TILES) {
                 const int T = nt - tl < TILES ? (int)(nt - tl) : TILES;
+                const float *ct = m->kind == W_Q4 ? cs + tl * nb * IV : NULL;
                 fvec f[TILES][4];
                 for (int u = 0; u < TILES; u++)
                     for (int j = 0; j < 4; j++) f[u][j] = FZERO();
-                lane_group(w + tl * IV * K, IV * K, T, K, Q + t * ldq, ldq, D + t * ldd, ldd,
-                           m->kind == W_Q4 ? cs + tl * nb * IV : NULL, R, f);
+                if (t == 0) /* the first prompt rows, block by block as the tiles are widened */
+                    for (long b0 = 0; b0 < nb; b0 += WSTEP) {
+                        const long b1 = b0 + WSTEP < nb ? b0 + WSTEP : nb;
+                        for (int u = 0; u < T; u++) {
+                            int16_t *wt = w + (tl + u) * IV * K;
+                            if (m->kind == W_Q4) widen_q4_tile(m, e, n, K, i0 + (tl + u) * IV, wt, cs + (tl + u) * nb * IV, b0, b1);
+                            else widen_i8_tile(m, e, n, K, i0 + (tl + u) * IV, wt, b0, b1);
+                        }
+                        lane_group(w + tl * IV * K, IV * K, T, K, Q, ldq, D, ldd, ct, R, b0, b1, f);
+                    }
+                else
+                    lane_group(w + tl * IV * K, IV * K, T, K, Q + t * ldq, ldq, D + t * ldd, ldd, ct, R, 0, nb, f);
                 for (int u = 0; u < T; u++)
                     for (int j = 0; j < R; j++) {
                         float o[IV];
@@ -1091,9 +1106,7 @@ void phimoe_qmatmul(const Mat *m, long e, long n, long K, const bf16 *X, long M,
         long r0 = 0, r1 = 0;
         float out[4], scale[PANEL], bias[PANEL];
 #ifdef IV
-        /* (int8 with 3 rows: dotr's in-order rows, 7-10% faster; widening int8 into the tile costs
-         * more than the products it saves at so few rows) */
-        if (K % QB == 0 && !(m->kind == W_I8 && M < 4)) {
+        if (K % QB == 0) {
             const long tiles = n / IV;
             share_units(tiles, 1, &r0, &r1);
             lane_rows(m, e, n, K, Q, ldq, D, ldd, M, b, Y, r0 * IV, r1 * IV, w);
