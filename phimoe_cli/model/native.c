@@ -773,9 +773,10 @@ static void dot_group(const int16_t *w, long K, const int16_t *q, long ldq, cons
  * r's values 2j, 2j + 1, and each prompt row's pair is broadcast to every lane, so one multiply-add
  * of pairs (vpmaddwd; AVX512-VNNI: vpdpwssd) adds to IV rows' sums at once. The per-block scaling
  * (the int32 sums to float, times the block scales, added) is then done once per IV rows, not once
- * per row as dotr does it: in dotr it was a third of the instructions. 6400x4096 nf4, GMAC/s
- * (benchmarks/README.md, Zen 5): AVX-512 VNNI 8 rows 163 -> 224, 16 rows 185 -> 295; AVX2 128 ->
- * 138, 142 -> 161. Widening into this layout transposes 8 rows at a time in registers. */
+ * per row as dotr does it: in dotr it was a third of the instructions. Widening into this layout
+ * transposes 8 rows at a time in registers. 6400x4096 nf4, GMAC/s, with WSTEP below
+ * (benchmarks/README.md, Zen 5): AVX-512 VNNI 8 rows 172 -> 254, 16 rows 198 -> 324; AVX2 129 ->
+ * 146, 143 -> 167. */
 #if defined(__AVX512BW__)
 #define IV 16
 typedef __m512i ivec;
