@@ -8,7 +8,6 @@ printed in pieces, so nothing is ever cut off or drawn twice, however long the r
 
 from __future__ import annotations
 
-import io
 import re
 import time
 
@@ -23,21 +22,6 @@ _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(\s|$)")
 _ITEM = re.compile(r"^ {0,3}([-*+]|\d{1,9}[.)])(\s|$)")
 CODE_THEME = "monokai"
-
-
-def whole_writes(stream):
-    """``stream``, or, where it writes straight to its file descriptor (``python -u``,
-    PYTHONUNBUFFERED=1), the same descriptor through a buffer. An unbuffered text stream drops the
-    rest of a write that a signal cut short (the terminal slow to read, then Ctrl+C); the live
-    area, erased by counting lines, then erased lines above itself, and lines came twice."""
-    if not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
-        return stream
-    try:
-        raw = io.FileIO(stream.fileno(), "w", closefd=False)  # its own: closing it leaves ``stream`` open
-    except (OSError, ValueError, AttributeError):
-        return stream
-    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors,
-                            line_buffering=True)
 
 
 class PlainStream:

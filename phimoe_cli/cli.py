@@ -366,9 +366,11 @@ def _quiet_exit(code: int) -> None:
 
     try:
         sys.stdout.flush()
+        broken = code == 141  # (a command's own buffer on stdout, runtime.whole_writes, may hold the rest)
     except BrokenPipeError:
+        broken, code = True, code or 141
+    if broken:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = code or 141
     sys.exit(code)
 
 

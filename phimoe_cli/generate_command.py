@@ -8,7 +8,7 @@ import sys
 from phimoe_cli.engine import Request
 from phimoe_cli.options import LoadOptions, Remote
 from phimoe_cli.params import SamplingParams
-from phimoe_cli.runtime import open_engine, read_prompt
+from phimoe_cli.runtime import open_engine, read_prompt, whole_writes
 
 
 def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingParams, max_new_tokens: int, stop,
@@ -22,11 +22,14 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
     request = Request(messages=messages, text=text if raw else None, params=params, max_new_tokens=max_new_tokens,
                       stop=stop, ignore_eos=ignore_eos)
     stream = engine.generate(request)
-    out = sys.stdout
-    for piece in stream:
-        if not json_out:
-            out.write(piece)
-            out.flush()
+    out = whole_writes(sys.stdout)
+    try:
+        for piece in stream:
+            if not json_out:
+                out.write(piece)
+                out.flush()
+    except KeyboardInterrupt:  # Ctrl+C while a piece was written (a slow reader): the reply ends there
+        stream.close()
     res = stream.completion
     if json_out:
         out.write(json.dumps({

@@ -1,8 +1,9 @@
-"""What the commands share: reading a prompt from arguments and stdin, and loading a model with
-its tokenizer. Errors: phimoe_cli.errors."""
+"""What the commands share: reading a prompt from arguments and stdin, writing a reply to stdout,
+and loading a model with its tokenizer. Errors: phimoe_cli.errors."""
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,22 @@ from phimoe_cli.options import LoadOptions
 if TYPE_CHECKING:  # the model (torch) and the hub are imported when a model is loaded, not before
     from phimoe_cli.model import PhimoeForCausalLM
     from phimoe_cli.tokenizer import Tokenizer
+
+
+def whole_writes(stream):
+    """``stream``, or, where it writes straight to its file descriptor (``python -u``,
+    PYTHONUNBUFFERED=1), the same descriptor through a buffer. An unbuffered text stream drops the
+    rest of a write that a signal cut short (the reader slow, then Ctrl+C), where a buffer keeps it
+    for the next flush: `phimoe generate | slow-reader` lost text; the chat's live area, erased by
+    counting lines, erased lines above itself, and lines came twice."""
+    if not isinstance(getattr(stream, "buffer", None), io.RawIOBase):
+        return stream
+    try:
+        raw = io.FileIO(stream.fileno(), "w", closefd=False)  # its own: closing it leaves ``stream`` open
+    except (OSError, ValueError, AttributeError):
+        return stream
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors,
+                            line_buffering=True)
 
 
 def read_prompt(prompt: str | None, stdin=None) -> str:

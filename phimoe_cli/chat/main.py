@@ -14,11 +14,10 @@ from rich.text import Text
 from phimoe_cli.chat.conversation import OVERFLOW_POLICIES, ContextOverflow, latest_autosave, resolve_settings
 from phimoe_cli.chat.input import make_prompt_session
 from phimoe_cli.chat.session import ChatSession
-from phimoe_cli.chat_render import whole_writes
 from phimoe_cli.errors import UsageError
 from phimoe_cli.options import DEFAULT_MODEL, LoadOptions, Remote
 from phimoe_cli.params import GenerationError
-from phimoe_cli.runtime import open_engine, read_prompt
+from phimoe_cli.runtime import open_engine, read_prompt, whole_writes
 from phimoe_cli.transcript import Transcript, TranscriptError, data_dir, private_file
 
 
