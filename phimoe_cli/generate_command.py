@@ -28,7 +28,8 @@ def run_generate(prompt, *, load: LoadOptions, system, raw, params: SamplingPara
             if not json_out:
                 out.write(piece)
                 out.flush()
-    except KeyboardInterrupt:  # Ctrl+C while a piece was written (a slow reader): the reply ends there
+    except KeyboardInterrupt:  # Ctrl+C while a piece was written (a slow reader): the reply ends there,
+        # the piece kept by whole_writes' buffer (typer would turn this into a silent exit 130)
         stream.close()
     res = stream.completion
     if json_out:
