@@ -313,11 +313,40 @@ def _click_errors():
     return getattr(errors, "NoArgsIsHelpError", _Never), errors.UsageError, errors.ClickException, abort
 
 
+class _ReaderGone(Exception):
+    """stdout's reader went away (BrokenPipeError), carried past click, which would exit 1 silently."""
+
+
+class _Interrupted(Exception):
+    """Ctrl+C, carried past typer, which would exit 130 without a word."""
+
+
+def _carry(callback):
+    """A command's callback whose Ctrl+C and broken stdout reach main() as they happened."""
+    import functools
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+        except KeyboardInterrupt as exc:
+            raise _Interrupted() from exc
+
+    run.carried = True
+    return run
+
+
 def main() -> None:
     """Entry point: known failures become one 'error:' line and an exit code, never a traceback."""
     import os
     import sys
     import warnings
+
+    for command in app.registered_commands:
+        if not getattr(command.callback, "carried", False):
+            command.callback = _carry(command.callback)
 
     # a warning (no C compiler, a kernel falling back) is one line, as errors are
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -335,10 +364,10 @@ def main() -> None:
     except click_error as exc:
         sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
         code = exc.exit_code
-    except (KeyboardInterrupt, abort):
+    except (KeyboardInterrupt, _Interrupted, abort):
         sys.stderr.write("\ninterrupted\n")
         code = 130
-    except BrokenPipeError:
+    except (BrokenPipeError, _ReaderGone):
         code = 141  # the reader went away (| head): nothing more to say
     except Exception as exc:
         if os.environ.get("PHIMOE_DEBUG"):

@@ -261,6 +261,21 @@ def test_ctrl_c_while_a_slow_reader_holds_the_pipe_loses_no_text(tmp_path):
     assert expected.startswith(got) and len(expected) - len(got) <= 3, (len(expected), len(got))
 
 
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_reader_that_goes_away_ends_it_quietly(model_dir, unbuffered):
+    """`phimoe generate ... | head -c 10`: exit 141 (as a command killed by SIGPIPE), nothing on stderr.
+    click caught the BrokenPipeError itself and exited 1."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([*PHIMOE, "generate", "-m", model_dir, "-n", "900", "--ignore-eos", "-t", "0", "Go"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
 def test_no_stdin_leaves_stdin_alone(model_dir):
     """--no-stdin in a `while read` loop: each call answers its PROMPT and the loop sees every line."""
     script = (f'while read -r q; do {" ".join(PHIMOE)} generate -m "{model_dir}" --no-stdin -t 0 -n 2 '
