@@ -899,8 +899,12 @@ static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n
     if (b0 == 0) tile_scales(a, nb, cs);
 #if IV == 16
     const __m512i tbl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm512_set1_epi8(15);
+#else
+    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm256_set1_epi8(15);
+#endif
     for (long b = b0; b < b1; b++) {
         prefetch_next_tile(p, a, rb_, nb, b, 32);
+#if IV == 16
         __m256i v0[8], v1[8];
         transpose8(p, rb_, b, v0);
         transpose8(p + 8 * rb_, rb_, b, v1);
@@ -919,11 +923,7 @@ static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n
             _mm512_storeu_si512((void *)(ob + 32 * IV), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e0, 1)));
             _mm512_storeu_si512((void *)(ob + 34 * IV), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(e1, 1)));
         }
-    }
 #else
-    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m->lut)), low = _mm256_set1_epi8(15);
-    for (long b = b0; b < b1; b++) {
-        prefetch_next_tile(p, a, rb_, nb, b, 32);
         __m256i v[8];
         transpose8(p, rb_, b, v);
         for (int g = 0; g < 8; g++) {
@@ -936,8 +936,8 @@ static __attribute__((noinline)) void widen_q4_tile(const Mat *m, long e, long n
             _mm256_storeu_si256((__m256i *)(ob + 32 * IV), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(e0, 1)));
             _mm256_storeu_si256((__m256i *)(ob + 34 * IV), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(e1, 1)));
         }
-    }
 #endif
+    }
 }
 
 /* 32 bytes at p + off of each of 8 int8 rows (K apart), as 16 pairs of values each, transposed:
