@@ -169,6 +169,40 @@ def test_widened_prefill_matches_the_native_one(ckpt, monkeypatch):
     assert (widened - ref).abs().max() <= max(0.05 * scale, 1.5 * (native - ref).abs().max())
 
 
+def test_prefill_of_few_rows_takes_the_bfloat16_dot_kernel(ckpt, monkeypatch):
+    """Where bfloat16 is multiplied natively without AMX but with AVX512-BF16 (AMD Zen 4 and
+    later), products of up to native.DPBF16_MAX_ROWS prompt rows (an expert's share of a short
+    prompt) go to the C kernel (native.dpbf16_matmul), more rows to torch's GEMM; the model's
+    output stays that of torch's GEMM but for the order of the float32 sums."""
+    from phimoe_cli.model import native
+
+    lib = native.library()
+    probe = torch.ones(1, 32, dtype=torch.bfloat16)
+    if lib is None or native.amx_matmul(lib, probe, torch.ones(16, 32, dtype=torch.bfloat16)) is not None \
+            or native.dpbf16_matmul(lib, probe, probe) is None:
+        pytest.skip("this build has AMX, or no AVX512-BF16 kernel")
+    x = torch.randint(0, 32000, (1, 40), generator=torch.Generator().manual_seed(8))  # ~20 rows an expert
+    model = load_model(ckpt, dtype=torch.bfloat16)
+    calls, real = [], native.dpbf16_matmul
+
+    def dpbf16(lib, x, w, *args):
+        calls.append((tuple(w.shape), x.numel() // x.shape[-1]))
+        return real(lib, x, w, *args)
+
+    monkeypatch.setattr(native, "dpbf16_matmul", dpbf16)
+    monkeypatch.setenv("PHIMOE_PREFILL_DTYPE", "native")
+    experts = {(model.config.intermediate_size, model.config.hidden_size),
+               (model.config.hidden_size, model.config.intermediate_size)}
+    with torch.inference_mode():
+        by_kernel = model(x).float()
+        monkeypatch.setattr(native, "DPBF16_MAX_ROWS", 0)
+        by_gemm = model(x).float()
+    rows = [m for shape, m in calls if shape in experts]
+    assert rows and max(rows) <= 16 and all(shape in experts for shape, _ in calls)  # 40-row products: torch's
+    err, scale = (by_kernel - by_gemm).abs().amax(-1), by_gemm.abs().max()
+    assert err.median() <= 0.01 * scale and (err <= 0.05 * scale).float().mean() >= 0.9
+
+
 def test_prefill_of_quantized_experts_follows_the_compute_dtype(ckpt, monkeypatch):
     """Quantized experts in the prompt's pass: where bfloat16 is multiplied natively, on a CPU
     with AMX, AMX tiles on weights widened in L1 (native.amx_matmul); without AMX an expert's rows

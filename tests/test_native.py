@@ -82,6 +82,27 @@ def test_prefill_product_of_bfloat16_rows_is_the_float32_sum_rounded_once(lib, m
     assert (err <= bound).all(), (err - bound).max()
 
 
+# prompt rows and weight rows not multiples of the 6 x 4 tiles; K a multiple of 32 (else it declines)
+@pytest.mark.parametrize("m, n, k", [(1, 5, 32), (7, 37, 96), (16, 1600, 1024), (13, 6, 64), (2, 3, 100)])
+def test_prefill_product_by_bfloat16_dot_products_is_the_float32_sum_rounded_once(request, lib, m, n, k):
+    """native.dpbf16_matmul (prefill of few rows where the CPU has AVX512-BF16 but no AMX): the
+    build for this CPU computes it where the CPU has AVX512-BF16, within one bfloat16 rounding of
+    the exact product, each row as it would be alone; others decline (None)."""
+    g = torch.Generator().manual_seed(m * n + k)
+    w, x, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16(), \
+        torch.randn(n, generator=g).bfloat16()
+    y = native.dpbf16_matmul(lib, x, w, b)
+    if not ("avx512_bf16" in FLAGS and request.node.callspec.params["lib"] == "native") or k % 32:
+        assert y is None
+        return
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert y is not None and y.dtype == torch.bfloat16 and y.shape == (m, n)
+    err = (y.double() - exact).abs()
+    bound = 2.0**-8 * exact.abs() + 1e-6 * k * (x.double().abs() @ w.double().abs().t() + b.double().abs())
+    assert (err <= bound).all(), (err - bound).max()
+    assert torch.equal(native.dpbf16_matmul(lib, x[-1:], w, b), y[-1:])  # the tiles do not change a row's sum
+
+
 def quantize_like_the_c_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An activation vector quantized as native.c's comment defines it, written here from that
     definition: blocks of 64 (the last one may be shorter), d = max |x| / 32639 in float32,

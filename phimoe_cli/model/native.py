@@ -32,6 +32,9 @@ DEFAULT_FLAGS = "-march=native"
 #: the most prompt rows for which amx_matmul beats torch's GEMM on bf16 weights, and dequantizing
 #: quantized ones for it (measured: benchmarks/quant_matmul.py, real expert shapes)
 AMX_MAX_ROWS, AMX_MAX_ROWS_QUANTIZED = 128, 256
+#: the most prompt rows for which dpbf16_matmul beats torch's bfloat16 GEMM (oneDNN) without AMX
+#: (measured: benchmarks/bf16_matmul.py, real expert shapes, a Zen 5 EPYC)
+DPBF16_MAX_ROWS = 16
 
 
 class Dims(ctypes.Structure):
@@ -155,6 +158,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.phimoe_bf16_matmul.restype = ctypes.c_int
     lib.phimoe_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [
         ctypes.c_int]
+    lib.phimoe_dpbf16_matmul.restype = ctypes.c_int
+    lib.phimoe_dpbf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int]
     lib.phimoe_amx_matmul.restype = ctypes.c_int
     lib.phimoe_amx_matmul.argtypes = [ctypes.POINTER(Mat)] + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_long] + [
         ctypes.c_void_p] * 2 + [ctypes.c_int]
@@ -327,6 +332,19 @@ def bf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: t
                                   y.data_ptr(), torch.get_num_threads()):
         return None
     return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
+
+
+def dpbf16_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear`` of bfloat16 rows x [..., K] by bfloat16 ``weight`` [n, K] (contiguous, CPU) with
+    AVX512-BF16 dot products, summed in float32 and rounded once to bfloat16; None where it cannot
+    run (a build without AVX512-BF16, K not a multiple of 32)."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    if not lib.phimoe_dpbf16_matmul(weight.data_ptr(), _ptr(bias), rows.data_ptr(), rows.shape[0], n, k, y.data_ptr(),
+                                    torch.get_num_threads()):
+        return None
+    return y.reshape(*x.shape[:-1], n)
 
 
 def dequantize_rows(lib: ctypes.CDLL, weight, index: int, start: int, end: int, out: torch.Tensor) -> bool:
